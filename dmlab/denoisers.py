@@ -1,0 +1,283 @@
+"""The Denoiser protocol, adapters that turn networks into denoisers, and Denoiser -> Denoiser transformers.
+
+A denoiser is any callable ``D(x, sigma, **cond) -> x0_hat`` with ``x`` of shape ``[B, ...]`` in the VE convention
+``x = x0 + sigma * eps`` and ``sigma`` of shape ``[B]``. Everything a network's own time variable means (a discrete
+DDPM index, a VP time, a flow time) stays inside an adapter:
+
+* :class:`EDMPrecond` - Karras et al. 2022 (EDM) preconditioning of a raw network ``F``.
+* :class:`DiscreteVPDenoiser` - an eps-, v- or x0-prediction network trained on a discrete VP (DDPM) schedule,
+  e.g. a diffusers ``UNet2DModel``/``UNet2DConditionModel``/``DiTTransformer2DModel`` with its scheduler's config.
+* :class:`FlowDenoiser` - a flow-velocity network ``v(x_t, t)`` with ``x_t = (1 - t) x0 + t eps`` (rectified flow).
+* Transformers: :func:`cfg` (classifier-free guidance, Ho & Salimans 2022), :func:`clamp` (thresholding),
+  :func:`switch_at_sigma` (one denoiser above a sigma, another below), :class:`RecordingDenoiser` (logs every call).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from . import schedules
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    """``D(x, sigma, **cond) -> x0_hat``: the posterior-mean estimate of clean data from ``x = x0 + sigma * eps``."""
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor: ...
+
+
+def as_sigma(sigma, x: Tensor) -> Tensor:
+    """Broadcast ``sigma`` (a float, a 0-d tensor or a ``[B]`` tensor) to shape ``[B]`` on ``x``'s device and dtype."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape [B, ...], got {type(x).__name__}")
+    if x.ndim < 1:
+        raise ValueError("x must have a batch dimension: shape [B, ...]")
+    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if s.ndim == 0:
+        s = s.expand(x.shape[0])
+    if s.ndim != 1 or s.shape[0] != x.shape[0]:
+        raise ValueError(f"sigma must be a scalar or have shape [B] = [{x.shape[0]}], got {tuple(s.shape)}")
+    if (s < 0).any() or not torch.isfinite(s).all():
+        raise ValueError("sigma must be finite and non-negative (it is the std of the added noise)")
+    return s
+
+
+def bcast(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a ``[B]`` tensor to broadcast against ``x`` of shape ``[B, ...]``."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _net_output(out) -> Tensor:
+    """The tensor in a network's return value (diffusers returns an output object with ``.sample``, or a tuple)."""
+    if isinstance(out, Tensor):
+        return out
+    if hasattr(out, "sample"):
+        return out.sample
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot read a tensor from a network output of type {type(out).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------- EDM
+class EDMPrecond:
+    """EDM preconditioning (Karras et al. 2022, Table 1): ``D = c_skip x + c_out F(c_in x, c_noise, **cond)``.
+
+    ``c_skip = sd^2/(sigma^2+sd^2)``, ``c_out = sigma sd / sqrt(sigma^2+sd^2)``, ``c_in = 1/sqrt(sigma^2+sd^2)``,
+    ``c_noise = log(sigma)/4``; ``sd`` is the data standard deviation ``sigma_data``.
+    """
+
+    def __init__(self, net: Callable, sigma_data: float = 0.5):
+        if not callable(net):
+            raise TypeError("net must be callable: F(x_in, c_noise, **cond) -> tensor")
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be positive, got {sigma_data}")
+        self.net, self.sigma_data = net, float(sigma_data)
+
+    def coefficients(self, sigma: Tensor):
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sigma ** 2 + sd ** 2).sqrt()
+        c_noise = sigma.clamp_min(1e-20).log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F = _net_output(self.net(bcast(c_in, x) * x, c_noise, **cond))
+        return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- discrete VP
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+class DiscreteVPDenoiser:
+    """A network trained on a discrete VP (DDPM) schedule, seen as a VE denoiser.
+
+    For ``x = x0 + sigma eps`` the network gets ``x_vp = alpha x`` (``alpha = 1/sqrt(1+sigma^2)``) and the
+    fractional training index ``t`` whose sigma is ``sigma`` (log-linear interpolation of the training sigmas,
+    exact at the training sigmas). Its output is turned into ``x0_hat`` by ``prediction_type``:
+    ``epsilon``: ``x0 = x - sigma eps``; ``v_prediction`` (Salimans & Ho 2022): ``x0 = alpha x_vp - sigma_t v``;
+    ``sample``: ``x0 = out``. A network that also predicts its variance (``out_channels = 2 C``, as DiT) has its
+    first ``C`` channels used.
+
+    The network is called as ``model(x_vp, timestep=t, **cond)``: the keyword works for diffusers ``UNet2DModel``,
+    ``UNet2DConditionModel`` and ``DiTTransformer2DModel`` alike. Inputs are cast to the model's dtype and outputs
+    back to ``x``'s, so float64 samplers can drive a float32 network.
+    """
+
+    def __init__(self, model: Callable, alphas_cumprod: Tensor, prediction_type: str = "epsilon",
+                 *, quantize: bool = False):
+        if not callable(model):
+            raise TypeError("model must be callable as model(x, timestep=t, **cond)")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
+        self.model = model
+        self.prediction_type = prediction_type
+        self.sigmas_train = schedules.sigmas_from_alphas_cumprod(alphas_cumprod)
+        self.quantize = bool(quantize)
+
+    @classmethod
+    def from_scheduler(cls, model: Callable, scheduler, **kwargs) -> "DiscreteVPDenoiser":
+        """Build from a diffusers scheduler (or its config dict): betas and ``prediction_type`` are read from it."""
+        cfg = getattr(scheduler, "config", scheduler)
+        get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        if getattr(scheduler, "alphas_cumprod", None) is not None:
+            ac = scheduler.alphas_cumprod
+        else:
+            if get("trained_betas") is not None:
+                betas = torch.as_tensor(get("trained_betas"), dtype=torch.float32)
+            else:
+                betas = schedules.betas_for(get("num_train_timesteps", 1000), get("beta_start", 1e-4),
+                                            get("beta_end", 0.02), get("beta_schedule", "linear"))
+            ac = torch.cumprod(1 - betas, 0)
+        kwargs.setdefault("prediction_type", get("prediction_type", "epsilon"))
+        return cls(model, ac, **kwargs)
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas_train[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas_train[-1])
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        t = schedules.sigma_to_index(sigma, self.sigmas_train)
+        return t.round() if self.quantize else t
+
+    def _dtype(self, x: Tensor) -> torch.dtype:
+        p = next(iter(self.model.parameters()), None) if hasattr(self.model, "parameters") else None
+        return p.dtype if p is not None else x.dtype
+
+    def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        alpha, sigma_t = schedules.alpha_sigma_t(sigma)
+        x_vp = bcast(alpha, x) * x
+        dt = self._dtype(x)
+        # timesteps stay float32 (or float64) even for half-precision models: fp16 cannot hold 999.5
+        t = self.sigma_to_t(sigma).to(device=x.device, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+        out = _net_output(self.model(x_vp.to(dt), timestep=t, **cond))
+        if out.shape[1] == 2 * x.shape[1]:
+            out = out[:, : x.shape[1]]
+        out = out.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x - bcast(sigma, x) * out
+        if self.prediction_type == "v_prediction":
+            return bcast(alpha, x) * x_vp - bcast(sigma_t, x) * out
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- flows
+class FlowDenoiser:
+    """A flow-velocity network ``v(x_t, t)`` for the straight path ``x_t = (1 - t) x0 + t eps`` (rectified flow,
+    Liu et al. 2023; the linear stochastic interpolant of Albergo et al. 2023), seen as a VE denoiser.
+
+    ``t = sigma / (1 + sigma)``, ``x_t = (1 - t) x`` and ``x0 = x_t - t v``. ``time_scale`` multiplies ``t`` before
+    the network sees it (1000 for networks trained on ``t * 1000``). Called as ``model(x_t, timestep=t, **cond)``.
+    """
+
+    def __init__(self, model: Callable, *, time_scale: float = 1.0):
+        if not callable(model):
+            raise TypeError("model must be callable as model(x_t, timestep=t, **cond)")
+        self.model, self.time_scale = model, float(time_scale)
+
+    def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        t = sigma / (1 + sigma)
+        x_t = bcast(1 - t, x) * x
+        v = _net_output(self.model(x_t, timestep=t * self.time_scale, **cond)).to(x.dtype)
+        return x_t - bcast(t, x) * v
+
+
+# ----------------------------------------------------------------------------------------------- transformers
+class CFG:
+    """Classifier-free guidance (Ho & Salimans 2022) as a Denoiser -> Denoiser transformer.
+
+    ``D_w(x) = D(x, **uncond) + scale (D(x, **cond) - D(x, **uncond))``; ``scale = 1`` is the conditional
+    denoiser, ``scale = 0`` the unconditional one. With ``batched=True`` both calls run as one batch of ``2B``
+    (every tensor in ``cond``/``uncond`` must then have a batch dimension).
+    """
+
+    def __init__(self, denoiser: Callable, scale: float, uncond: dict, *, batched: bool = False):
+        if not callable(denoiser):
+            raise TypeError("denoiser must be callable: D(x, sigma, **cond)")
+        if not isinstance(uncond, dict):
+            raise TypeError("uncond must be a dict of the keyword arguments of the unconditional call, "
+                            "e.g. {'class_labels': torch.full((B,), n_classes)}")
+        self.denoiser, self.scale, self.uncond, self.batched = denoiser, float(scale), uncond, batched
+
+    def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        if set(cond) != set(self.uncond):
+            raise ValueError(f"cond keys {sorted(cond)} must match uncond keys {sorted(self.uncond)}")
+        if self.batched:
+            both = {k: torch.cat([self.uncond[k], cond[k]]) for k in cond}
+            d_u, d_c = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        else:
+            d_u = self.denoiser(x, sigma, **self.uncond)
+            d_c = self.denoiser(x, sigma, **cond)
+        return d_u + self.scale * (d_c - d_u)
+
+
+def cfg(denoiser: Callable, scale: float, uncond: dict, *, batched: bool = False) -> CFG:
+    """Classifier-free guidance: see :class:`CFG`."""
+    return CFG(denoiser, scale, uncond, batched=batched)
+
+
+def clamp(denoiser: Callable, lo: float = -1.0, hi: float = 1.0) -> Callable:
+    """Clip ``x0_hat`` to ``[lo, hi]`` (static thresholding, Ho et al. 2020)."""
+    if not lo < hi:
+        raise ValueError(f"need lo < hi, got lo={lo}, hi={hi}")
+
+    def clamped(x, sigma, **cond):
+        return denoiser(x, sigma, **cond).clamp(lo, hi)
+
+    return clamped
+
+
+def switch_at_sigma(d_high: Callable, d_low: Callable, sigma_switch: float) -> Callable:
+    """Use ``d_high`` where ``sigma > sigma_switch`` and ``d_low`` elsewhere (per sample).
+
+    The building block of trajectory stitching (T-Stitch, Pan et al. 2024): a small model for the noisy start, a
+    large one for the rest.
+    """
+    if not sigma_switch >= 0:
+        raise ValueError(f"sigma_switch must be >= 0, got {sigma_switch}")
+
+    def switched(x, sigma, **cond):
+        sigma = as_sigma(sigma, x)
+        high = sigma > sigma_switch
+        if high.all():
+            return d_high(x, sigma, **cond)
+        if not high.any():
+            return d_low(x, sigma, **cond)
+        out = torch.empty_like(x)
+        sub = lambda m: {k: (v[m] if isinstance(v, Tensor) and v.ndim and v.shape[0] == x.shape[0] else v)  # noqa: E731
+                         for k, v in cond.items()}
+        out[high] = d_high(x[high], sigma[high], **sub(high))
+        out[~high] = d_low(x[~high], sigma[~high], **sub(~high))
+        return out
+
+    return switched
+
+
+class RecordingDenoiser:
+    """Wraps a denoiser and records the sigmas of every call (``.sigmas``, a list of ``[B]`` tensors); ``.nfe``."""
+
+    def __init__(self, denoiser: Callable):
+        self.denoiser = denoiser
+        self.sigmas: list[Tensor] = []
+
+    @property
+    def nfe(self) -> int:
+        return len(self.sigmas)
+
+    def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
+        sigma = as_sigma(sigma, x)
+        self.sigmas.append(sigma.detach().clone())
+        return self.denoiser(x, sigma, **cond)

@@ -1,0 +1,8 @@
+"""Stateless samplers with one signature: ``sample_<name>(denoiser, x, sigmas, *, cond, generator, callback)``.
+
+``x`` is the starting point at ``sigmas[0]`` (e.g. ``sigmas[0] * torch.randn(...)``); ``sigmas`` is a strictly
+decreasing schedule ending in 0 (:mod:`dmlab.schedules`). Samplers keep ``x``'s dtype and device.
+"""
+from .ode import sample_euler, sample_heun
+
+__all__ = ["sample_euler", "sample_heun"]

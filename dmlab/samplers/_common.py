@@ -1,0 +1,41 @@
+"""What every sampler shares: input checks, the per-step callback, calling the denoiser with ``cond``."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ..schedules import check_schedule
+
+
+def prepare(denoiser: Callable, x: Tensor, sigmas: Tensor, cond: dict | None, generator, *, min_steps: int = 1):
+    """Validate the shared arguments; return ``(sigmas on x's device/dtype, cond dict)``."""
+    if not callable(denoiser):
+        raise TypeError("denoiser must be callable: D(x, sigma[B], **cond) -> x0_hat (see dmlab.denoisers)")
+    if not isinstance(x, Tensor) or x.ndim < 1:
+        raise TypeError("x must be a torch.Tensor of shape [B, ...] (the starting noise times sigmas[0])")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    check_schedule(sigmas, min_steps=min_steps)
+    if cond is not None and not isinstance(cond, dict):
+        raise TypeError("cond must be a dict of keyword arguments for the denoiser, e.g. {'class_labels': y}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
+    return sigmas.to(device=x.device, dtype=x.dtype), dict(cond or {})
+
+
+def call(denoiser: Callable, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
+    """``denoiser(x, sigma[B], **cond)``."""
+    return denoiser(x, sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma, **cond)
+
+
+def report(callback, i, x, sigma, sigma_next, denoised) -> None:
+    """Invoke a callback with the k-diffusion dict ``{i, x, sigma, sigma_next, denoised}``."""
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
+
+
+def randn_like(x: Tensor, generator) -> Tensor:
+    """Unit Gaussian noise shaped like ``x``, drawn on the CPU from ``generator`` (same bits everywhere)."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)

@@ -1,0 +1,225 @@
+"""Sigma grids and conversions.
+
+One convention (CONVENTIONS §1): ``x = x0 + sigma * eps``. A *schedule* is a 1-D tensor of sigmas, strictly
+decreasing, ending in exactly 0 (``[n_steps + 1]``). A variance-preserving (VP) model sees
+``x_vp = alpha * x0 + sigma_t * eps`` with ``alpha = 1 / sqrt(1 + sigma^2)`` and ``sigma_t = sigma * alpha``,
+so ``x_vp = alpha * x``. ``lam = -log(sigma)`` is half the log-SNR, the variable of exponential integrators.
+
+Grids: :func:`karras` (Karras et al. 2022, eq. 5), :func:`log_uniform`, :func:`vp_linear` and :func:`vp_cosine`
+(continuous VP schedules of Song et al. 2021 and Nichol & Dhariwal 2021, evaluated at uniform time), and
+:func:`discrete` (a grid taken from a discrete DDPM training schedule with diffusers' ``timestep_spacing``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def append_zero(sigmas: Tensor) -> Tensor:
+    """Append the final 0 to a decreasing tensor of positive sigmas."""
+    sigmas = torch.as_tensor(sigmas)
+    if sigmas.ndim != 1:
+        raise ValueError(f"sigmas must be 1-D, got shape {tuple(sigmas.shape)}")
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def check_schedule(sigmas: Tensor, *, min_steps: int = 1, name: str = "sigmas") -> Tensor:
+    """Validate a schedule and return it; raise ``ValueError`` saying how to fix it.
+
+    A schedule is 1-D, finite, strictly decreasing, has at least ``min_steps`` steps and ends in exactly 0.
+    """
+    if not isinstance(sigmas, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (e.g. dmlab.schedules.karras(10)), got {type(sigmas).__name__}")
+    if sigmas.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D tensor [n_steps + 1], got shape {tuple(sigmas.shape)}")
+    if sigmas.numel() < min_steps + 1:
+        raise ValueError(f"{name} has {sigmas.numel() - 1} step(s); this sampler needs at least {min_steps} "
+                         f"(pass a longer schedule, e.g. dmlab.schedules.karras({max(min_steps, 2)}))")
+    if not torch.isfinite(sigmas).all():
+        raise ValueError(f"{name} must be finite")
+    if sigmas[-1] != 0:
+        raise ValueError(f"{name} must end in 0; use dmlab.schedules.append_zero({name})")
+    if (sigmas < 0).any():
+        raise ValueError(f"{name} must be non-negative (sigma is a noise standard deviation)")
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise ValueError(f"{name} must be strictly decreasing (from sigma_max down to 0); reverse it with .flip(0)")
+    return sigmas
+
+
+def _check_n(n_steps: int) -> None:
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+
+
+def _check_range(sigma_min: float, sigma_max: float) -> None:
+    if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
+# ----------------------------------------------------------------------------------------------- grids
+def karras(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+           *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """EDM grid (Karras et al. 2022, eq. 5): ``sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho``.
+
+    Returns ``n_steps + 1`` sigmas from ``sigma_max`` to ``sigma_min``, then 0.
+    """
+    _check_n(n_steps)
+    _check_range(sigma_min, sigma_max)
+    if rho <= 0:
+        raise ValueError(f"rho must be positive (EDM uses 7), got {rho}")
+    if n_steps == 1:
+        return append_zero(torch.tensor([sigma_max], dtype=dtype))
+    ramp = torch.linspace(0, 1, n_steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return append_zero((hi + ramp * (lo - hi)) ** rho).to(dtype)
+
+
+def log_uniform(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Sigmas uniform in log-sigma (uniform in ``lam``: the grid of DPM-Solver's ``logSNR`` spacing), then 0."""
+    _check_n(n_steps)
+    _check_range(sigma_min, sigma_max)
+    if n_steps == 1:
+        return append_zero(torch.tensor([sigma_max], dtype=dtype))
+    return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n_steps, dtype=torch.float64).exp()).to(dtype)
+
+
+def vp_linear(n_steps: int, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0,
+              *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Continuous VP-linear schedule (Song et al. 2021): ``log alpha_bar(t) = -beta_min t - (beta_max - beta_min) t^2 / 2``.
+
+    ``t`` uniform from ``t_max`` to ``t_min``; ``sigma = sqrt(1/alpha_bar - 1)``; then 0.
+    """
+    _check_n(n_steps)
+    if not (0 < t_min < t_max <= 1) or beta_min < 0 or beta_max <= beta_min:
+        raise ValueError("need 0 < t_min < t_max <= 1 and 0 <= beta_min < beta_max")
+    t = torch.linspace(t_max, t_min, n_steps, dtype=torch.float64)
+    log_abar = -beta_min * t - 0.5 * (beta_max - beta_min) * t ** 2
+    return append_zero(torch.expm1(-log_abar).sqrt()).to(dtype)
+
+
+def vp_cosine(n_steps: int, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.99,
+              *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Continuous cosine schedule (Nichol & Dhariwal 2021): ``alpha_bar(t) = cos^2((t+s)/(1+s) pi/2) / cos^2(s/(1+s) pi/2)``.
+
+    ``t`` uniform from ``t_max`` (< 1: at ``t = 1`` sigma is infinite) to ``t_min``; then 0.
+    """
+    _check_n(n_steps)
+    if not (0 < t_min < t_max < 1) or s < 0:
+        raise ValueError("need 0 < t_min < t_max < 1 (sigma is infinite at t = 1) and s >= 0")
+    t = torch.linspace(t_max, t_min, n_steps, dtype=torch.float64)
+    f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    abar = f(t) / f(torch.zeros((), dtype=torch.float64))
+    return append_zero((1 / abar - 1).sqrt()).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------- discrete DDPM
+def betas_for(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+              beta_schedule: str = "linear") -> Tensor:
+    """A discrete DDPM beta schedule as diffusers builds it (``linear``, ``scaled_linear``, ``squaredcos_cap_v2``)."""
+    if num_train_timesteps < 2:
+        raise ValueError("num_train_timesteps must be >= 2")
+    T = num_train_timesteps
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float32)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float32) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float32)
+    raise ValueError(f"unknown beta_schedule {beta_schedule!r}; use 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
+
+
+def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
+    """The training sigmas ``sqrt((1 - alpha_bar) / alpha_bar)`` of a discrete VP schedule (increasing with the index)."""
+    ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    if ac.ndim != 1 or ((ac <= 0) | (ac > 1)).any():
+        raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1]")
+    return ((1 - ac) / ac).sqrt()
+
+
+def train_sigmas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 beta_schedule: str = "linear") -> Tensor:
+    """The sigma of every training index ``t = 0 .. T-1`` of a discrete DDPM schedule (float64)."""
+    betas = betas_for(num_train_timesteps, beta_start, beta_end, beta_schedule)
+    return sigmas_from_alphas_cumprod(torch.cumprod(1 - betas, 0))
+
+
+def ddpm_timesteps(n_steps: int, num_train_timesteps: int = 1000, spacing: str = "leading", steps_offset: int = 0) -> Tensor:
+    """The integer training indices a diffusers scheduler visits, by ``timestep_spacing`` (decreasing)."""
+    _check_n(n_steps)
+    T = num_train_timesteps
+    if n_steps > T:
+        raise ValueError(f"n_steps={n_steps} exceeds num_train_timesteps={T}")
+    if spacing == "leading":
+        ratio = T // n_steps
+        ts = (torch.arange(n_steps) * ratio).flip(0) + steps_offset
+    elif spacing == "trailing":
+        ratio = T / n_steps
+        ts = (torch.arange(T, 0, -ratio, dtype=torch.float64).round() - 1).long()
+    elif spacing == "linspace":
+        ts = torch.linspace(0, T - 1, n_steps, dtype=torch.float64).round().flip(0).long()
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; use 'leading', 'trailing' or 'linspace'")
+    return ts.long()
+
+
+def discrete(n_steps: int, sigmas_train: Tensor, spacing: str = "leading", steps_offset: int = 0,
+             *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A schedule made of the training sigmas at the indices :func:`ddpm_timesteps` picks, then 0."""
+    ts = ddpm_timesteps(n_steps, len(sigmas_train), spacing, steps_offset)
+    return append_zero(torch.as_tensor(sigmas_train, dtype=torch.float64)[ts]).to(dtype)
+
+
+def sigma_to_index(sigma: Tensor, sigmas_train: Tensor) -> Tensor:
+    """Fractional training index of ``sigma``, by linear interpolation in log-sigma (k-diffusion's ``sigma_to_t``).
+
+    Exact at the training sigmas; clamped to ``[0, T-1]`` outside their range.
+    """
+    st = torch.as_tensor(sigmas_train, dtype=torch.float64)
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    log_s, log_st = s.clamp_min(1e-30).log(), st.log()
+    idx = torch.searchsorted(log_st, log_s.reshape(-1).contiguous()).clamp(1, len(st) - 1)
+    lo, hi = log_st[idx - 1], log_st[idx]
+    w = ((log_s.reshape(-1) - lo) / (hi - lo)).clamp(0, 1)
+    return ((idx - 1) + w).reshape(s.shape)
+
+
+def index_to_sigma(t: Tensor, sigmas_train: Tensor) -> Tensor:
+    """Inverse of :func:`sigma_to_index`: the sigma of a (fractional) training index, log-linear interpolation."""
+    st = torch.as_tensor(sigmas_train, dtype=torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64).clamp(0, len(st) - 1)
+    lo = t.floor().long().clamp(max=len(st) - 2)
+    w = t - lo
+    return ((1 - w) * st[lo].log() + w * st[lo + 1].log()).exp()
+
+
+# ----------------------------------------------------------------------------------------------- conversions
+def alpha_sigma_t(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """VP scales of a VE sigma: ``alpha = 1/sqrt(1 + sigma^2)``, ``sigma_t = sigma * alpha``."""
+    sigma = torch.as_tensor(sigma)
+    alpha = (1 + sigma ** 2).rsqrt()
+    return alpha, sigma * alpha
+
+
+def sigma_from_alpha_sigma_t(alpha: Tensor, sigma_t: Tensor) -> Tensor:
+    """VE sigma of VP scales: ``sigma = sigma_t / alpha``."""
+    return torch.as_tensor(sigma_t) / torch.as_tensor(alpha)
+
+
+def lam(sigma: Tensor) -> Tensor:
+    """``lam = -log(sigma)``: half the log signal-to-noise ratio."""
+    return -torch.as_tensor(sigma).log()
+
+
+def sigma_from_lam(lam_: Tensor) -> Tensor:
+    """Inverse of :func:`lam`."""
+    return (-torch.as_tensor(lam_)).exp()
+
+
+def snr(sigma: Tensor) -> Tensor:
+    """Signal-to-noise ratio ``1 / sigma^2``."""
+    return torch.as_tensor(sigma) ** -2

@@ -1,0 +1,27 @@
+import os
+
+# Before any Hugging Face import: a missing model must fail at once, never retry over the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def smooth_gmm():
+    """The smooth mixture of CONVENTIONS §6: 2-D, three components with variances 0.2-0.4."""
+    from dmlab.exact import GMMDenoiser
+
+    means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
+    covs = torch.stack([torch.tensor([[0.3, 0.05], [0.05, 0.2]]), 0.4 * torch.eye(2), 0.25 * torch.eye(2)]).double()
+    return GMMDenoiser(torch.tensor([0.3, 0.3, 0.4]), means, covs)

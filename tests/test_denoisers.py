@@ -1,0 +1,134 @@
+import pytest
+import torch
+
+from dmlab import samplers, schedules
+from dmlab.denoisers import (CFG, DiscreteVPDenoiser, EDMPrecond, FlowDenoiser, RecordingDenoiser, as_sigma, cfg,
+                             clamp, switch_at_sigma)
+from dmlab.exact import GaussianDenoiser
+
+G = GaussianDenoiser(torch.tensor([0.5, -0.5]), torch.tensor([[0.3, 0.1], [0.1, 0.2]]))
+AC = torch.cumprod(1 - schedules.betas_for(1000), 0)
+ST = schedules.sigmas_from_alphas_cumprod(AC)
+
+
+def vp_net(kind):
+    """A 'network' that answers exactly what a perfectly trained VP model of G would, in its own variables."""
+    def net(x_vp, timestep):
+        sigma = schedules.index_to_sigma(timestep, ST)
+        alpha, sigma_t = schedules.alpha_sigma_t(sigma)
+        x = x_vp / alpha[:, None]
+        x0 = G(x, sigma)
+        eps = (x - x0) / sigma[:, None]
+        return {"epsilon": eps, "sample": x0, "v_prediction": alpha[:, None] * eps - sigma_t[:, None] * x0}[kind]
+    return net
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_discrete_vp_adapter_recovers_the_denoiser(kind, gen):
+    d = DiscreteVPDenoiser(vp_net(kind), AC, kind)
+    x = torch.randn(6, 2, generator=gen, dtype=torch.float64) * 3
+    sig = torch.cat([ST[[0, 10, 500, 999]], torch.tensor([0.37, 5.0], dtype=torch.float64)])
+    torch.testing.assert_close(d(x, sig), G(x, sig), rtol=1e-9, atol=1e-9)
+
+
+def test_from_scheduler_reads_config():
+    from diffusers import DDPMScheduler
+
+    sch = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction")
+    d = DiscreteVPDenoiser.from_scheduler(lambda x, timestep: x, sch)
+    assert d.prediction_type == "v_prediction"
+    torch.testing.assert_close(d.sigmas_train, schedules.train_sigmas(1000, 0.00085, 0.012, "scaled_linear"), rtol=1e-6, atol=0)
+    d2 = DiscreteVPDenoiser.from_scheduler(lambda x, timestep: x, dict(sch.config))
+    torch.testing.assert_close(d2.sigmas_train, d.sigmas_train, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        DiscreteVPDenoiser(lambda x, timestep: x, AC, "eps")
+
+
+def test_ddim_is_euler_on_a_diffusers_unet(gen):
+    """DDIM (eta = 0) on a config-built diffusers UNet equals dmlab's Euler on the adapted denoiser."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8).eval()
+    sch = DDIMScheduler(set_alpha_to_one=True, clip_sample=False)
+    sch.set_timesteps(10)
+    noise = torch.randn(2, 1, 8, 8, generator=gen)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    d = DiscreteVPDenoiser.from_scheduler(unet, sch)
+    sigmas = schedules.append_zero(d.sigmas_train[sch.timesteps].float())
+    ours = samplers.sample_euler(d, noise * (1 + sigmas[0] ** 2).sqrt(), sigmas)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+def test_edm_precond_coefficients():
+    seen = {}
+
+    def F(x_in, c_noise):
+        seen["x_in"], seen["c_noise"] = x_in, c_noise
+        return torch.ones_like(x_in)
+
+    d = EDMPrecond(F, sigma_data=0.5)
+    x = torch.full((1, 2), 3.0)
+    out = d(x, 2.0)
+    sd, s = 0.5, 2.0
+    torch.testing.assert_close(seen["x_in"], x / (s ** 2 + sd ** 2) ** 0.5)
+    torch.testing.assert_close(seen["c_noise"], torch.tensor([torch.log(torch.tensor(2.0)).item() / 4]))
+    torch.testing.assert_close(out, sd ** 2 / (s ** 2 + sd ** 2) * x + s * sd / (s ** 2 + sd ** 2) ** 0.5)
+    with pytest.raises(ValueError, match="sigma_data"):
+        EDMPrecond(F, sigma_data=0)
+
+
+def test_flow_adapter_recovers_the_denoiser(gen):
+    def v_net(x_t, timestep):  # exact velocity eps - x0 of G
+        t = timestep
+        sigma = t / (1 - t)
+        x = x_t / (1 - t)[:, None]
+        x0 = G(x, sigma)
+        eps = (x - x0) / sigma[:, None]
+        return eps - x0
+
+    x = torch.randn(4, 2, generator=gen, dtype=torch.float64)
+    sig = torch.tensor([0.1, 1.0, 4.0, 30.0], dtype=torch.float64)
+    torch.testing.assert_close(FlowDenoiser(v_net)(x, sig), G(x, sig))
+
+
+def test_cfg_and_transformers(gen):
+    def d(x, sigma, class_labels):
+        return x * 0 + class_labels[:, None].to(x.dtype)
+
+    x = torch.randn(3, 2, generator=gen)
+    u = {"class_labels": torch.full((3,), 10)}
+    c = {"class_labels": torch.tensor([1, 2, 3])}
+    for batched in (False, True):
+        g = cfg(d, 2.0, u, batched=batched)
+        torch.testing.assert_close(g(x, 1.0, **c), 10 + 2.0 * (c["class_labels"][:, None].float() - 10).expand(3, 2))
+    assert isinstance(g, CFG)
+    torch.testing.assert_close(cfg(d, 1.0, u)(x, 1.0, **c), d(x, 1.0, **c))
+    with pytest.raises(ValueError, match="keys"):
+        cfg(d, 2.0, u)(x, 1.0)
+    with pytest.raises(TypeError, match="uncond"):
+        cfg(d, 2.0, None)
+    big = lambda x, sigma: x * 0 + 5  # noqa: E731
+    torch.testing.assert_close(clamp(big)(x, 1.0), torch.ones_like(x))
+    hi, lo = (lambda x, s: x * 0 + 1), (lambda x, s: x * 0 - 1)
+    out = switch_at_sigma(hi, lo, 1.0)(x, torch.tensor([2.0, 1.0, 0.5]))
+    assert out[:, 0].tolist() == [1.0, -1.0, -1.0]
+    rec = RecordingDenoiser(lo)
+    rec(x, 0.5), rec(x, 0.2)
+    assert rec.nfe == 2
+
+
+def test_as_sigma_errors():
+    x = torch.zeros(3, 2)
+    assert as_sigma(0.5, x).shape == (3,)
+    with pytest.raises(ValueError, match="shape \\[B\\]"):
+        as_sigma(torch.ones(2), x)
+    with pytest.raises(ValueError, match="non-negative"):
+        as_sigma(-0.1, x)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        as_sigma(0.1, [1.0])
