@@ -3,9 +3,9 @@
 ``import dmlab`` imports torch only; diffusers, transformers, scipy, matplotlib and ipywidgets are imported inside
 the functions that need them. Start a chapter with ``SCALE, gen = dmlab.setup(seed=0)``.
 """
-from . import denoisers, exact, samplers, schedules
+from . import data, denoisers, exact, samplers, schedules, viz
 from .denoisers import Denoiser
 from .scale import Scale, get_scale, seed_everything, setup
 
 __version__ = "0.1.0"
-__all__ = ["Denoiser", "Scale", "denoisers", "exact", "get_scale", "samplers", "schedules", "seed_everything", "setup"]
+__all__ = ["Denoiser", "Scale", "denoisers", "exact", "get_scale", "samplers", "schedules", "seed_everything", "setup", "data", "viz"]
