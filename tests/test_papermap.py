@@ -1,0 +1,140 @@
+"""The paper map: book/papers.yml is valid, and book/paper_map.md is exactly its render (so it cannot drift)."""
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmlab import papermap
+
+ROOT = Path(papermap.__file__).resolve().parent.parent
+PAPERS, BIB, TOC, MAP = (ROOT / p for p in ("book/papers.yml", "book/references.bib", "_toc.yml", "book/paper_map.md"))
+
+
+@pytest.fixture(scope="module")
+def papers():
+    return papermap.load_papers(PAPERS)
+
+
+@pytest.fixture
+def book(tmp_path):
+    """A scratch copy of the bib and the toc; ``book(papers, ...)`` validates against it."""
+    (tmp_path / "references.bib").write_text(BIB.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "_toc.yml").write_text(TOC.read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "notebooks").mkdir()
+
+    def run(papers):
+        papermap.validate(papers, bib_path=tmp_path / "references.bib", toc_path=tmp_path / "_toc.yml")
+
+    run.root = tmp_path
+    return run
+
+
+def _add_to_toc(toc_path: Path, stem: str):
+    toc = yaml.safe_load(toc_path.read_text(encoding="utf-8"))
+    toc["parts"].insert(-1, {"caption": "V Accelerators", "chapters": [{"file": f"notebooks/{stem}"}]})
+    toc_path.write_text(yaml.safe_dump(toc, sort_keys=False), encoding="utf-8")
+
+
+def test_committed_map_is_the_render(papers):
+    rendered = papermap.render_paper_map(papers, toc_path=TOC)
+    assert MAP.read_text(encoding="utf-8") == rendered, "book/paper_map.md is stale: run `python -m dmlab.papermap`"
+
+
+def test_repository_papers_validate(papers):
+    papermap.validate(papers, bib_path=BIB, toc_path=TOC)
+
+
+def test_every_paper_is_cited_once_on_the_map(papers):
+    text = MAP.read_text(encoding="utf-8")
+    cited = re.findall(r"\{cite:[pt]\}`([^`]+)`", text)
+    assert sorted(cited) == sorted(p["key"] for p in papers)
+    assert len(set(cited)) == papermap.N_PAPERS
+
+
+def test_check_mode_detects_a_stale_page(tmp_path, capsys):
+    args = ["--papers", str(PAPERS), "--bib", str(BIB), "--toc", str(TOC), "--out", str(tmp_path / "map.md")]
+    (tmp_path / "map.md").write_text(MAP.read_text(encoding="utf-8") + "edited by hand\n", encoding="utf-8")
+    assert papermap.main(["--check", *args]) == 1
+    assert "run `python -m dmlab.papermap`" in capsys.readouterr().err
+    assert papermap.main(args) == 0  # rewrite
+    assert papermap.main(["--check", *args]) == 0
+    assert (tmp_path / "map.md").read_text(encoding="utf-8") == MAP.read_text(encoding="utf-8")
+
+
+def test_removed_paper_is_reported(book, papers):
+    with pytest.raises(ValueError, match=r"has 81 papers; it must list exactly 82[\s\S]*missing ids \[82\]"):
+        book(papers[:-1])
+
+
+def test_duplicated_id_is_reported(book, papers):
+    bad = copy.deepcopy(papers)
+    bad[5]["id"] = bad[4]["id"]
+    with pytest.raises(ValueError, match=r"duplicate ids \[5\][\s\S]*missing ids \[6\]"):
+        book(bad)
+
+
+def test_unknown_status_is_reported(book, papers):
+    bad = copy.deepcopy(papers)
+    bad[0]["status"] = "done"
+    with pytest.raises(ValueError, match=r"paper 1 .*unknown status 'done'; use one of planned, demonstrated"):
+        book(bad)
+
+
+def test_missing_bib_key_is_reported(book, papers):
+    bib = book.root / "references.bib"
+    text = bib.read_text(encoding="utf-8")
+    assert "@inproceedings{ma2024deepcache," in text
+    bib.write_text(text.replace("@inproceedings{ma2024deepcache,", "@inproceedings{ma2024deepcacheX,"), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"paper 73 \(DeepCache\): key 'ma2024deepcache' is not in .*add a BibTeX entry"):
+        book(papers)
+
+
+def test_measured_chapter_missing_from_toc_is_reported(book, papers):
+    bad = copy.deepcopy(papers)
+    (deepcache,) = [p for p in bad if p["id"] == 73]
+    deepcache["status"] = "measured"
+    with pytest.raises(ValueError, match=r"paper 73 .*status 'measured' but its chapter notebooks/15_feature_caching is "
+                                         r"not listed in .*add `- file: notebooks/15_feature_caching`"):
+        book(bad)
+
+
+def test_measured_chapter_needs_its_notebook(book, papers):
+    bad = copy.deepcopy(papers)
+    (deepcache,) = [p for p in bad if p["id"] == 73]
+    deepcache["status"] = "measured"
+    _add_to_toc(book.root / "_toc.yml", "15_feature_caching")
+    with pytest.raises(ValueError, match=r"notebooks/15_feature_caching.ipynb does not exist"):
+        book(bad)
+    (book.root / "notebooks" / "15_feature_caching.ipynb").write_text("{}", encoding="utf-8")
+    book(bad)  # listed and present: valid
+
+
+def test_unknown_chapter_is_reported(book, papers):
+    bad = copy.deepcopy(papers)
+    bad[2]["chapter"] = "15_caching"
+    with pytest.raises(ValueError, match=r"paper 3 .*chapter '15_caching' is not in the book outline"):
+        book(bad)
+
+
+def test_map_links_only_chapters_in_the_toc(book, papers):
+    toc = book.root / "_toc.yml"
+    plain = papermap.render_paper_map(papers, toc_path=toc)
+    assert "| planned: 15_feature_caching |" in plain
+    assert "(../notebooks/15_feature_caching.ipynb)" not in plain
+    _add_to_toc(toc, "15_feature_caching")
+    linked = papermap.render_paper_map(papers, toc_path=toc)
+    assert "| [15_feature_caching](../notebooks/15_feature_caching.ipynb) |" in linked
+    assert "planned: 15_feature_caching" not in linked
+
+
+def test_papers_sit_in_their_outline_part(papers):
+    text = papermap.render_paper_map(papers, toc_path=TOC)
+    sections = dict(re.findall(r"^## (.+)\n([\s\S]*?)(?=^## |\Z)", text, flags=re.M))
+    for p in papers:
+        part = next(part for part, chapters in papermap.PARTS if p["chapter"] in chapters)
+        assert re.search(rf"^\| {p['id']} \|", sections[part], flags=re.M), (p["id"], part)
+    summary = dict(re.findall(r"^\| `([a-z-]+)` \| (\d+) \|$", sections["Summary"], flags=re.M))
+    assert sum(map(int, summary.values())) == papermap.N_PAPERS
+    assert set(summary) == set(papermap.STATUSES)
