@@ -13,7 +13,6 @@ CI_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
-    "MPLBACKEND": "Agg",
     "PYTHONHASHSEED": "0",
     "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     "DMLAB_SCALE": "tiny",
