@@ -4,5 +4,6 @@
 decreasing schedule ending in 0 (:mod:`dmlab.schedules`). Samplers keep ``x``'s dtype and device.
 """
 from .ode import sample_euler, sample_heun
+from .sde import sample_ddpm, sample_euler_maruyama, sample_pc
 
-__all__ = ["sample_euler", "sample_heun"]
+__all__ = ["sample_euler", "sample_heun", "sample_ddpm", "sample_euler_maruyama", "sample_pc"]
