@@ -6,5 +6,6 @@ decreasing schedule ending in 0 (:mod:`dmlab.schedules`). Samplers keep ``x``'s 
 from .ode import sample_euler, sample_heun
 from .sde import sample_ddpm, sample_euler_maruyama, sample_pc
 from .momentum import sample_ghvb, sample_hb
+from .mcmc import sample_dmcmc
 
-__all__ = ["sample_euler", "sample_heun", "sample_ddpm", "sample_euler_maruyama", "sample_pc", "sample_hb", "sample_ghvb"]
+__all__ = ["sample_euler", "sample_heun", "sample_ddpm", "sample_euler_maruyama", "sample_pc", "sample_hb", "sample_ghvb", "sample_dmcmc"]
