@@ -1,0 +1,8 @@
+"""Accelerators: reversible, composable speed-ups on diffusers models (CONVENTIONS §1.5, §4)."""
+from .caching import (DeepCacheConfig, EncoderPropagationConfig, FeatureCacheConfig, FeatureInheritanceConfig,
+                      apply_deepcache, apply_encoder_propagation, apply_feature_cache, apply_feature_inheritance,
+                      deepcache_modules, dense_early_keys, encoder_modules, granularity_of)
+from .handle import CallCounter, Handle, count_calls, patch_forward, resolve_model
+from .diffusers_caches import (apply_diffusers_cache, apply_first_block_cache, apply_mag_cache, apply_pab,
+                               apply_taylorseer, calibrate_mag_ratios)
+from .tstitch import TStitch, switch_sigma, tstitch

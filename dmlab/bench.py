@@ -1,0 +1,233 @@
+"""Measuring speed and quality honestly on shared CPUs (CONVENTIONS §8).
+
+* :func:`time_pair` - time a baseline and a method **interleaved** (B, M, B, M, ...) with one intra-op thread and
+  report the **median of the per-pair ratios** with its min and max. Absolute times on a shared 2-core machine
+  swing by 10x; ratios of neighbouring runs do not (the planning pilots measured ±8 % with one thread).
+* :func:`count_flops` / :func:`flop_ratio` - FLOPs from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
+  convolutions and attention; elementwise ops are not counted). FlopCounterMode counts a multiply-add as **2 FLOPs**,
+  so MACs = FLOPs / 2 (:func:`macs`). FLOP ratios do not depend on load: tests assert on them, never on wall time.
+* :func:`psnr` - fidelity of a method's sample to the baseline sample drawn from the same noise.
+* :class:`Table` - rows of measurements as a plain-text table (no pandas) and a speed/quality figure, shared by the
+  accelerator and sampler chapters and the ``benchmarks/`` scripts; :func:`matched_steps` gives the trivial
+  competitor of every accelerator table, *the same sampler with fewer steps at matched FLOPs*.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Timing", "time_pair", "num_threads", "count_flops", "flop_ratio", "macs", "psnr", "matched_steps",
+           "Table", "format_table"]
+
+
+@contextlib.contextmanager
+def num_threads(n: int = 1):
+    """Run the block with ``torch.set_num_threads(n)`` and restore the previous value afterwards."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Interleaved timing of a baseline and a method: ``speedup`` = median over pairs of ``t_baseline / t_method``,
+    with ``lo``/``hi`` the smallest and largest pair ratio; ``baseline_s``/``method_s`` are median seconds."""
+
+    speedup: float
+    lo: float
+    hi: float
+    baseline_s: float
+    method_s: float
+    pairs: int
+    threads: int
+
+    def __str__(self) -> str:
+        return f"{self.speedup:.2f}x [{self.lo:.2f}-{self.hi:.2f}]"
+
+
+def time_pair(baseline: Callable[[], Any], method: Callable[[], Any], *, pairs: int = 5, warmup: int = 1,
+              threads: int = 1, clock: str = "wall") -> Timing:
+    """Time ``baseline()`` and ``method()`` interleaved (B, M, B, M, ...) after ``warmup`` rounds of each.
+
+    CONVENTIONS §8: with ``threads=1`` the per-pair ratios are stable under load; the median of ``pairs`` ratios is
+    reported with its range. ``clock="process"`` uses ``time.process_time`` (CPU time of this process) instead of
+    wall time. Never assert on the result in a test.
+    """
+    if not (callable(baseline) and callable(method)):
+        raise TypeError("baseline and method must be zero-argument callables, e.g. lambda: sample(...)")
+    if not isinstance(pairs, int) or pairs < 1:
+        raise ValueError(f"pairs must be an int >= 1 (5 or more for a stable median), got {pairs!r}")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if clock not in ("wall", "process"):
+        raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}")
+    now = time.perf_counter if clock == "wall" else time.process_time
+
+    def once(fn):
+        t0 = now()
+        fn()
+        return now() - t0
+
+    tb, tm = [], []
+    with num_threads(threads):
+        for _ in range(warmup):
+            baseline()
+            method()
+        for _ in range(pairs):
+            tb.append(once(baseline))
+            tm.append(once(method))
+    ratios = [b / max(m, 1e-12) for b, m in zip(tb, tm)]
+    return Timing(statistics.median(ratios), min(ratios), max(ratios), statistics.median(tb), statistics.median(tm),
+                  pairs, threads)
+
+
+def count_flops(fn: Callable, *args, **kwargs) -> int:
+    """FLOPs of ``fn(*args, **kwargs)`` as counted by ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add
+    is 2 FLOPs; matmul, convolution and attention kernels are counted, elementwise ops are not)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn(*args, **kwargs)
+    return int(fc.get_total_flops())
+
+
+def flop_ratio(baseline: Callable[[], Any], method: Callable[[], Any]) -> float:
+    """``FLOPs(baseline) / FLOPs(method)``: the speed-up bound a method can reach by doing less arithmetic."""
+    fm = count_flops(method)
+    if fm == 0:
+        raise ValueError("the method performed no counted FLOPs; cannot form a ratio")
+    return count_flops(baseline) / fm
+
+
+def macs(flops: float) -> float:
+    """Multiply-accumulates from FlopCounterMode FLOPs: ``flops / 2``."""
+    return flops / 2
+
+
+def psnr(x: Tensor, ref: Tensor, *, data_range: float = 2.0, reduction: str = "mean") -> Tensor | float:
+    """Peak signal-to-noise ratio of ``x`` against ``ref`` (same shape ``[B, ...]``), in dB, per sample:
+    ``10 log10(data_range^2 / mse)``. ``data_range`` is 2 for images in [-1, 1]. Identical samples give ``inf``.
+    ``reduction``: ``"mean"`` (a float, mean over finite per-sample values; ``inf`` if all are identical) or
+    ``"none"`` (the ``[B]`` tensor)."""
+    if not isinstance(x, Tensor) or not isinstance(ref, Tensor) or x.shape != ref.shape or x.ndim < 1:
+        raise ValueError(f"x and ref must be tensors of the same shape [B, ...], got "
+                         f"{getattr(x, 'shape', None)} and {getattr(ref, 'shape', None)}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    mse = (x.double() - ref.double()).pow(2).flatten(1).mean(1)
+    p = 10 * torch.log10(data_range ** 2 / mse)  # inf where mse == 0
+    if reduction == "none":
+        return p
+    finite = p[torch.isfinite(p)]
+    return float(finite.mean()) if finite.numel() else math.inf
+
+
+def matched_steps(n_steps: int, speedup: float) -> int:
+    """Steps of *the same sampler with fewer steps* at the FLOPs of a method with this FLOP ``speedup`` over
+    ``n_steps`` steps: ``max(1, round(n_steps / speedup))`` (CONVENTIONS §8: every accelerator table has this row)."""
+    if not n_steps >= 1 or not speedup > 0:
+        raise ValueError(f"need n_steps >= 1 and speedup > 0, got {n_steps}, {speedup}")
+    return max(1, round(n_steps / speedup))
+
+
+def _fmt(v: Any, digits: int) -> str:
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        if math.isnan(v):
+            return "-"
+        return f"{v:.{digits}f}"
+    return "-" if v is None else str(v)
+
+
+def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, digits: int = 2,
+                 title: str | None = None) -> str:
+    """A plain-text table of ``rows`` (dicts), columns in first-seen order unless given; floats with ``digits``."""
+    rows = list(rows)
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    cells = [[_fmt(r.get(c), digits) for c in columns] for r in rows]
+    widths = [max(len(str(c)), *(len(row[i]) for row in cells)) if cells else len(str(c)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(  # noqa: E731
+        v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
+    out = [line([str(c) for c in columns]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
+    return "\n".join(([title] if title else []) + out)
+
+
+class Table:
+    """Speed/quality measurements, one row per configuration (``Table.add(name, **metrics)``).
+
+    ``text()`` is a pandas-free table for printing; ``figure(x, y)`` a scatter of one metric against another with
+    every point labelled (``group`` column values are joined by lines, e.g. one line per method's knob sweep).
+    """
+
+    def __init__(self, title: str = "", columns: Sequence[str] | None = None):
+        self.title = title
+        self.columns = list(columns) if columns is not None else None
+        self.rows: list[dict] = []
+
+    def add(self, name: str, **metrics) -> dict:
+        row = {"configuration": name, **metrics}
+        self.rows.append(row)
+        return row
+
+    def __getitem__(self, name: str) -> dict:
+        for r in self.rows:
+            if r["configuration"] == name:
+                return r
+        raise KeyError(f"no row {name!r}; rows: {[r['configuration'] for r in self.rows]}")
+
+    def text(self, digits: int = 2) -> str:
+        cols = ["configuration", *self.columns] if self.columns else None
+        return format_table(self.rows, cols, digits=digits, title=self.title or None)
+
+    def __str__(self) -> str:
+        return self.text()
+
+    def figure(self, x: str = "flop_speedup", y: str = "psnr", *, group: str | None = "group",
+               figsize: tuple[float, float] = (5.5, 3.6), title: str | None = None, logx: bool = False,
+               label: bool = True):
+        """A matplotlib Figure of ``y`` against ``x`` for every row that has both (PNG-friendly, fixed size)."""
+        import matplotlib.pyplot as plt
+
+        pts = [r for r in self.rows if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))
+               and math.isfinite(r[x]) and math.isfinite(r[y])]
+        fig, ax = plt.subplots(figsize=figsize, dpi=90)
+        groups: dict = {}
+        for r in pts:
+            groups.setdefault(r.get(group) if group else None, []).append(r)
+        for g, rs in groups.items():
+            rs = sorted(rs, key=lambda r: r[x])
+            style = "o-" if g is not None and len(rs) > 1 else "o"
+            ax.plot([r[x] for r in rs], [r[y] for r in rs], style, label=g if g is not None else None, ms=5)
+            if label:
+                for r in rs:
+                    ax.annotate(str(r["configuration"]), (r[x], r[y]), textcoords="offset points", xytext=(3, 3),
+                                fontsize=7)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        if logx:
+            ax.set_xscale("log")
+        if any(g is not None for g in groups):
+            ax.legend(fontsize=7)
+        ax.set_title(title if title is not None else self.title, fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        return fig
+
+
+def rows_from(items: Iterable[tuple[str, dict]]) -> list[dict]:
+    """``[(name, metrics), ...]`` -> rows for :func:`format_table`."""
+    return [{"configuration": n, **m} for n, m in items]
