@@ -95,12 +95,31 @@ def time_pair(baseline: Callable[[], Any], method: Callable[[], Any], *, pairs: 
 
 def count_flops(fn: Callable, *args, **kwargs) -> int:
     """FLOPs of ``fn(*args, **kwargs)`` as counted by ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add
-    is 2 FLOPs; matmul, convolution and attention kernels are counted, elementwise ops are not)."""
+    is 2 FLOPs; matmul, convolution and attention kernels are counted, elementwise ops are not).
+
+    torch's registry has no entry for the CPU kernel of ``F.scaled_dot_product_attention``
+    (``aten._scaled_dot_product_flash_attention_for_cpu``), so without :func:`_cpu_sdpa_mapping` every softmax
+    attention on the CPU would count as 0 FLOPs (the same formula as the CUDA kernels is added for it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as fc:
+    with FlopCounterMode(display=False, custom_mapping=_cpu_sdpa_mapping()) as fc:
         fn(*args, **kwargs)
     return int(fc.get_total_flops())
+
+
+def _cpu_sdpa_mapping() -> dict:
+    """FlopCounterMode ``custom_mapping`` for the CPU scaled-dot-product-attention kernel (torch's ``sdpa_flop_count``:
+    ``QK^T`` and ``PV`` matmuls, as for the CUDA kernels)."""
+    import torch.utils.flop_counter as fcm
+
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None or op in fcm.flop_registry or not hasattr(fcm, "sdpa_flop_count"):
+        return {}
+
+    def cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return fcm.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    return {op: cpu_sdpa}
 
 
 def flop_ratio(baseline: Callable[[], Any], method: Callable[[], Any]) -> float:
