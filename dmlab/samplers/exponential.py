@@ -1,0 +1,297 @@
+"""Exponential integrators of the probability-flow ODE: DDIM, DPM-Solver (singlestep, orders 1-3), DPM-Solver++
+2M / 3M and multistep DPM-Solver.
+
+In ``lam = -log(sigma)`` the ODE ``dx/dsigma = (x - D) / sigma`` becomes ``dx/dlam = D - x``: linear in ``x``
+with a constant coefficient, so its solution from ``lam_s`` to ``lam_t = lam_s + h`` is exact in the linear part,
+
+    x_t = e^{-h} x_s + int_0^h e^{-(h - u)} D(lam_s + u) du            (data prediction, DPM-Solver++)
+    x_t = x_s + int_{sigma_s}^{sigma_t} eps(sigma) dsigma                (noise prediction, DPM-Solver)
+
+and the solvers differ only in how they approximate ``D`` (or ``eps``) inside the integral: a Taylor polynomial in
+``lam`` whose derivatives come from earlier evaluations (*multistep*) or from extra stages inside the step
+(*singlestep*). In the VE convention the VP scalings ``alpha_t`` of the papers cancel: DDIM (eta = 0), DPM-Solver-1,
+DPM-Solver++(1), DEIS-1 and Euler in sigma are the same step ``x_t = (sigma_t/sigma_s) x_s + (1 - sigma_t/sigma_s) D``.
+
+Papers: Song, Meng & Ermon 2021 (DDIM); Lu et al. 2022, "DPM-Solver" (singlestep, noise prediction, paper 59 of
+the book's list); Lu et al. 2022, "DPM-Solver++" (data prediction, multistep 2M/3M). Formulas follow diffusers'
+``DPMSolverMultistepScheduler`` / ``DPMSolverSinglestepScheduler`` (Apache-2.0) so the cross-library tests can
+agree to float rounding; the code is our own.
+
+**The 3M finding.** diffusers and k-diffusion build ``D2 = (D1_0 - D1_1) / (r0 + r1)``, which is ``h^2 D''/2``,
+and weight it by ``phi_3 = (e^{-h} - 1 + h)/h^2 - 1/2``; the Taylor term needs ``phi_3 * h^2 D''``, i.e. twice
+that weight. ``variant="diffusers"`` keeps the library weight (measured order 2), ``variant="taylor"`` doubles it
+(order 3; it equals DPM-Solver-v3 with trivial statistics). Chapter 03 prints both measured orders.
+
+All samplers here share the signature of :mod:`dmlab.samplers` and run on the plan engine of
+:mod:`dmlab.samplers._plan` (weights computed once per call in float64; a few tensor ops per step). The final
+step to ``sigma = 0`` is always first order: it returns ``D(x, sigma_last)`` and never evaluates the model at 0.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._plan import Plan, Update, sample_plan
+
+__all__ = ["sample_ddim", "sample_dpm_solver", "sample_dpm_solver_multistep", "sample_dpmpp_2m", "sample_dpmpp_3m",
+           "sample_dpmpp_3m_taylor", "sample_dpmpp_3m_diffusers", "plan_ddim", "plan_dpm_solver",
+           "plan_dpm_solver_multistep", "multistep_orders", "singlestep_orders"]
+
+PREDICTIONS = ("data", "noise")
+SOLVER_TYPES = ("midpoint", "heun")
+VARIANTS_3M = ("taylor", "diffusers")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def lams(sigmas: list) -> list:
+    """``lam = -log(sigma)`` of each sigma (``inf`` at 0)."""
+    return [math.inf if s == 0 else -math.log(s) for s in sigmas]
+
+
+def lin(*pairs) -> dict:
+    """``sum(c * d)`` of ``(c, {index: coef})`` pairs: linear combinations of stored values by index."""
+    out: dict = {}
+    for c, d in pairs:
+        for k, v in d.items():
+            out[k] = out.get(k, 0.0) + c * v
+    return out
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; use one of {choices}")
+
+
+def check_order(order, allowed=(1, 2, 3)) -> int:
+    if isinstance(order, bool) or order not in allowed:
+        raise ValueError(f"order must be one of {allowed}, got {order!r}")
+    return int(order)
+
+
+def need_steps(n: int, order: int, what: str) -> None:
+    """Raise if a schedule of ``n`` steps is too short for a solver of ``order``."""
+    if n < order:
+        raise ValueError(f"{what} of order {order} needs at least {order} steps, got {n}; pass a longer schedule "
+                         f"(e.g. dmlab.schedules.karras({max(order, 5)})) or a lower order")
+
+
+def multistep_orders(n: int, order: int, lower_order_final: bool = True) -> list:
+    """Per-step orders of a multistep solver, as diffusers' ``DPMSolverMultistepScheduler`` chooses them.
+
+    Warm-up ``min(order, i + 1)``; the final step (to ``sigma = 0``) is first order; with ``lower_order_final``
+    and fewer than 15 steps the second-to-last step has order at most 2 (Lu et al. 2022, for stability at few steps).
+    """
+    orders = [min(order, i + 1) for i in range(n)]
+    if lower_order_final and n < 15 and n >= 2:
+        orders[-2] = min(orders[-2], 2)
+    orders[-1] = 1
+    return orders
+
+
+def singlestep_orders(n: int, order: int) -> list:
+    """Per-step orders of singlestep DPM-Solver (diffusers' ``get_order_list`` with ``lower_order_final``).
+
+    Steps are grouped: a group ``[1, 2, 3]`` is one third-order step whose two inner stages are the next two grid
+    points. The final step (to ``sigma = 0``) is first order.
+    """
+    if order == 3:
+        k, r = divmod(n, 3)
+        orders = [1, 2, 3] * (k - 1) + [1, 2] + [1] if r == 0 else [1, 2, 3] * k + ([1] if r == 1 else [1, 2])
+    elif order == 2:
+        orders = [1, 2] * (n // 2 - 1) + [1, 1] if n % 2 == 0 else [1, 2] * (n // 2) + [1]
+    else:
+        orders = [1] * n
+    orders[-1] = 1
+    return orders
+
+
+def _phis(h: float, prediction: str):
+    """The exponential-integrator weights of one step of length ``h`` in ``lam``.
+
+    Returns ``(a, w0, w1, w2)``: ``x_t = a x_s + w0 M + w1 (h M') + w2 (h^2 M'')`` to third order, where ``M`` is
+    ``D`` (data) or ``eps`` (noise) and ``sigma_s = 1`` units are folded in by the caller for noise prediction.
+    Data: ``w0 = 1 - e^{-h}``, ``w1 = (h - 1 + e^{-h})/h``, ``w2 = (h^2/2 - h + 1 - e^{-h})/h^2``.
+    """
+    if prediction == "data":
+        em1 = math.expm1(-h)
+        return math.exp(-h), -em1, em1 / h + 1, -((em1 + h) / h ** 2 - 0.5)
+    ep1 = math.expm1(h)  # noise: per unit sigma_t, x_t = x_s - sigma_t [ (e^h-1) M + ((e^h-1)/h - 1) hM' + ... ]
+    return 1.0, -ep1, -(ep1 / h - 1), -((ep1 - h) / h ** 2 - 0.5)
+
+
+# ----------------------------------------------------------------------------------------------- plans
+def plan_ddim(sigmas: list) -> Plan:
+    """DDIM with ``eta = 0`` (Song et al. 2021): ``x_t = (sigma_t/sigma_s) x_s + (1 - sigma_t/sigma_s) D`` per step."""
+    return plan_dpm_solver_multistep(sigmas, order=1, name="ddim")
+
+
+def plan_dpm_solver_multistep(sigmas: list, *, order: int = 2, prediction: str = "data",
+                              solver_type: str = "midpoint", variant: str = "taylor",
+                              lower_order_final: bool = True, name: str | None = None) -> Plan:
+    """Multistep DPM-Solver(++) of ``order`` 1-3 (Lu et al. 2022, DPM-Solver++ Alg. 2 and its order-3 extension).
+
+    ``prediction="data"`` integrates ``D`` (DPM-Solver++), ``"noise"`` integrates ``eps`` (multistep DPM-Solver).
+    ``solver_type`` picks diffusers' second-order formula (``"midpoint"``: ``-0.5 (e^{-h}-1) D1``; ``"heun"``: the
+    Taylor weight ``phi_2``); ``variant`` the weight of the second difference at order 3 (module docstring).
+    """
+    order = check_order(order)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    check_choice("variant", variant, VARIANTS_3M)
+    n = len(sigmas) - 1
+    need_steps(n, order, "multistep DPM-Solver")
+    lam = lams(sigmas)
+    orders = multistep_orders(n, order, bool(lower_order_final))
+    m = "d" if prediction == "data" else "e"
+    w2_scale = 2.0 if variant == "taylor" else 1.0
+    adv = []
+    for i, p in enumerate(orders):
+        if sigmas[i + 1] == 0:
+            adv.append(Update.of(d={i: 1.0}))
+            continue
+        h = lam[i + 1] - lam[i]
+        a, w0, w1, w2 = _phis(h, prediction)
+        unit = 1.0 if prediction == "data" else sigmas[i + 1]
+        if p == 1:
+            mm = {i: w0}
+        elif p == 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            D1 = {i: 1 / r0, i - 1: -1 / r0}
+            half = 0.5 * w0 if solver_type == "midpoint" else w1
+            mm = lin((w0, {i: 1.0}), (half, D1))
+        else:
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            D1_0, D1_1 = {i: 1 / r0, i - 1: -1 / r0}, {i - 1: 1 / r1, i - 2: -1 / r1}
+            diff = lin((1.0, D1_0), (-1.0, D1_1))
+            D1 = lin((1.0, D1_0), (r0 / (r0 + r1), diff))
+            D2 = lin((1 / (r0 + r1), diff))
+            mm = lin((w0, {i: 1.0}), (w1, D1), (w2_scale * w2, D2))
+        adv.append(Update.of(x={i: a}, **{m: {k: unit * v for k, v in mm.items()}}))
+    label = name or f"dpm_solver{'pp' if prediction == 'data' else ''}_{order}m"
+    return Plan(tuple(sigmas), tuple(adv), (None,) * n, tuple(orders), label)
+
+
+def plan_dpm_solver(sigmas: list, *, order: int = 3, prediction: str = "noise", solver_type: str = "midpoint") -> Plan:
+    """Singlestep DPM-Solver-``order`` (Lu et al. 2022, Alg. 1 / DPM-Solver-2, -3), grouped as diffusers does.
+
+    Every grid point is one model evaluation; a step of order ``k`` goes from the group's first point to the point
+    after its ``k``-th, using the ``k - 1`` points in between as its inner stages (``r1 = 1/3, r2 = 2/3`` of the
+    paper when the grid is uniform in ``lam``). ``solver_type="midpoint"`` is the paper's formula (exact for those
+    ``r``), ``"heun"`` the general Taylor one.
+    """
+    order = check_order(order)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    n = len(sigmas) - 1
+    need_steps(n, order, "singlestep DPM-Solver")
+    lam = lams(sigmas)
+    orders = singlestep_orders(n, order)
+    m = "d" if prediction == "data" else "e"
+    adv = []
+    for i, p in enumerate(orders):
+        if sigmas[i + 1] == 0:
+            adv.append(Update.of(d={i: 1.0}))
+            continue
+        b = i - (p - 1)  # the group's first point: the step starts there
+        h = lam[i + 1] - lam[b]
+        a, w0, w1, w2 = _phis(h, prediction)
+        unit = 1.0 if prediction == "data" else sigmas[i + 1]
+        if p == 1:
+            mm = {i: w0}
+        elif p == 2:
+            r0 = (lam[i] - lam[b]) / h
+            D1 = {i: 1 / r0, b: -1 / r0}
+            mm = lin((w0, {b: 1.0}), (0.5 * w0 if solver_type == "midpoint" else w1, D1))
+        else:
+            r0, r1 = (lam[i] - lam[b]) / h, (lam[i - 1] - lam[b]) / h
+            D1_0, D1_1 = {i - 1: 1 / r1, b: -1 / r1}, {i: 1 / r0, b: -1 / r0}
+            if solver_type == "midpoint":
+                mm = lin((w0, {b: 1.0}), (w1, D1_1))
+            else:
+                D1 = lin((r0 / (r0 - r1), D1_0), (-r1 / (r0 - r1), D1_1))
+                D2 = lin((2 / (r0 - r1), D1_1), (-2 / (r0 - r1), D1_0))
+                mm = lin((w0, {b: 1.0}), (w1, D1), (w2, D2))
+        adv.append(Update.of(x={b: a}, **{m: {k: unit * v for k, v in mm.items()}}))
+    return Plan(tuple(sigmas), tuple(adv), (None,) * n, tuple(orders), f"dpm_solver_{order}s_{prediction}")
+
+
+# ----------------------------------------------------------------------------------------------- samplers
+def sample_ddim(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
+                generator: torch.Generator | None = None, callback: Callable | None = None, eta: float = 0.0) -> Tensor:
+    """DDIM (Song, Meng & Ermon 2021): ``x_next = D + sigma_next * eps_hat`` per step, one NFE per step.
+
+    With ``eta = 0`` (the default) it is deterministic and identical to Euler in sigma and to DPM-Solver-1 (first
+    order). ``eta > 0`` is DDIM's stochastic family, implemented in :func:`dmlab.samplers.sample_ddpm` (samplers
+    of the reverse SDE) and called from here with the same ``generator``.
+    """
+    if not isinstance(eta, (int, float)) or isinstance(eta, bool) or not eta >= 0:
+        raise ValueError(f"eta must be a number >= 0 (0: deterministic DDIM, 1: DDPM), got {eta!r}")
+    if eta > 0:
+        from .sde import sample_ddpm
+
+        return sample_ddpm(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=float(eta))
+    return sample_plan(plan_ddim, denoiser, x, sigmas, cond, generator, callback)
+
+
+def sample_dpm_solver_multistep(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
+                                generator: torch.Generator | None = None, callback: Callable | None = None,
+                                order: int = 2, prediction: str = "data", solver_type: str = "midpoint",
+                                variant: str = "taylor", lower_order_final: bool = True) -> Tensor:
+    """Multistep DPM-Solver(++) (Lu et al. 2022): one NFE per step, order ``order`` after a low-order warm-up.
+
+    See :func:`plan_dpm_solver_multistep` for the options; :func:`sample_dpmpp_2m` and :func:`sample_dpmpp_3m`
+    are the common presets. Needs at least ``order`` steps.
+    """
+    return sample_plan(plan_dpm_solver_multistep, denoiser, x, sigmas, cond, generator, callback,
+                       order=order, prediction=prediction, solver_type=solver_type, variant=variant,
+                       lower_order_final=bool(lower_order_final))
+
+
+def sample_dpmpp_2m(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
+                    generator: torch.Generator | None = None, callback: Callable | None = None,
+                    solver_type: str = "midpoint", lower_order_final: bool = True) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): ``x_t = e^{-h} x - (e^{-h} - 1)(D_i + (D_i - D_{i-1}) / (2 r))``.
+
+    ``r = h_{i-1} / h_i``; the first step is DDIM and the last returns ``D(x, sigma_last)``. Second order, one NFE
+    per step. Equals k-diffusion's ``sample_dpmpp_2m`` and diffusers' default ``DPMSolverMultistepScheduler``.
+    """
+    return sample_dpm_solver_multistep(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
+                                       order=2, solver_type=solver_type, lower_order_final=lower_order_final)
+
+
+def sample_dpmpp_3m(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
+                    generator: torch.Generator | None = None, callback: Callable | None = None,
+                    variant: str = "taylor", lower_order_final: bool = True) -> Tensor:
+    """DPM-Solver++(3M) (Lu et al. 2022): third-order multistep with data prediction, one NFE per step.
+
+    ``variant="taylor"`` (default) weights the second difference ``D2`` by ``2 phi_3`` (order 3, measured);
+    ``variant="diffusers"`` by ``phi_3`` as diffusers and k-diffusion do (order 2, measured). Needs >= 3 steps.
+    """
+    return sample_dpm_solver_multistep(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
+                                       order=3, variant=variant, lower_order_final=lower_order_final)
+
+
+def sample_dpmpp_3m_taylor(denoiser: Callable, x: Tensor, sigmas: Tensor, **kw) -> Tensor:
+    """DPM-Solver++(3M) with the Taylor-exact weight ``2 phi_3`` on ``D2`` (order 3): :func:`sample_dpmpp_3m`."""
+    return sample_dpmpp_3m(denoiser, x, sigmas, variant="taylor", **kw)
+
+
+def sample_dpmpp_3m_diffusers(denoiser: Callable, x: Tensor, sigmas: Tensor, **kw) -> Tensor:
+    """DPM-Solver++(3M) exactly as diffusers / k-diffusion weight ``D2`` (measured order 2): :func:`sample_dpmpp_3m`."""
+    return sample_dpmpp_3m(denoiser, x, sigmas, variant="diffusers", **kw)
+
+
+def sample_dpm_solver(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
+                      generator: torch.Generator | None = None, callback: Callable | None = None, order: int = 3,
+                      prediction: str = "noise", solver_type: str = "midpoint") -> Tensor:
+    """Singlestep DPM-Solver-1/2/3 (Lu et al. 2022); ``prediction="data"`` gives singlestep DPM-Solver++.
+
+    One NFE per grid point: the inner stages of each step are grid points (:func:`plan_dpm_solver`), which is
+    diffusers' ``DPMSolverSinglestepScheduler``. For the paper's ``r1 = 1/3, r2 = 2/3`` use a grid uniform in
+    ``lam`` (:func:`dmlab.schedules.log_uniform`). Needs at least ``order`` steps.
+    """
+    return sample_plan(plan_dpm_solver, denoiser, x, sigmas, cond, generator, callback,
+                       order=order, prediction=prediction, solver_type=solver_type)

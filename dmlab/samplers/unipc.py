@@ -1,0 +1,113 @@
+"""UniPC: a unified predictor-corrector framework for fast sampling (Zhao et al. 2023, NeurIPS).
+
+UniP-``p`` is a multistep exponential integrator whose higher-order terms are ``B(h) sum_m rho_m D1_m`` with
+``D1_m = (M_{i-m} - M_i) / r_m`` and coefficients ``rho`` solved from ``R rho = b`` (``R`` a Vandermonde matrix in
+the step ratios ``r_m``, ``b_k = k! h phi_{k+1}(h) / B(h)``). UniC-``p`` re-solves the last step once the model
+has been evaluated at its end point, with that new value as one more node: the order rises to ``p + 1`` and no NFE
+is added, because the evaluation is the one the next predictor step needs anyway (the corrected point is *not*
+re-evaluated). ``B(h) = h`` is ``bh1``; ``B(h) = e^h - 1`` is ``bh2`` (the paper's recommendation for few steps).
+
+Formulas follow diffusers' ``UniPCMultistepScheduler`` (Apache-2.0; data prediction is its default) so the
+cross-library test agrees to float rounding; in the VE convention the ``alpha_t`` factors cancel. The last step to
+``sigma = 0`` is first order (``D(x, sigma_last)``) and is not corrected.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ._plan import Plan, Update, sample_plan
+from .exponential import PREDICTIONS, check_choice, check_order, lams, lin, need_steps
+
+__all__ = ["sample_unipc", "plan_unipc"]
+
+SOLVER_TYPES = ("bh1", "bh2")
+
+
+def _rhs(h: float, p: int, prediction: str, solver_type: str):
+    """``hh, h phi_1, B(h)`` and the right-hand side ``b`` (length ``p``) of UniPC's order conditions."""
+    hh = -h if prediction == "data" else h
+    h_phi_1 = math.expm1(hh)
+    B_h = hh if solver_type == "bh1" else math.expm1(hh)
+    b, h_phi_k, fact = [], h_phi_1 / hh - 1, 1
+    for k in range(1, p + 1):
+        b.append(h_phi_k * fact / B_h)
+        fact *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / fact
+    return h_phi_1, B_h, b
+
+
+def _solve(rks: list, b: list) -> list:
+    R = torch.tensor([[r ** k for r in rks] for k in range(len(rks))], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b, dtype=torch.float64)).tolist()
+
+
+def _unipc_update(sigmas, lam, base: int, nodes: list, new: int | None, p: int, prediction: str,
+                  solver_type: str, m: str, target: int) -> Update:
+    """One UniP (``new is None``) or UniC (``new`` = index of the value at the target) update from ``base``."""
+    h = lam[target] - lam[base]
+    h_phi_1, B_h, b = _rhs(h, p, prediction, solver_type)
+    rks = [(lam[j] - lam[base]) / h for j in nodes] + [1.0]
+    D1s = [{j: 1 / r, base: -1 / r} for j, r in zip(nodes, rks)]
+    if new is None:  # predictor: p - 1 differences
+        rhos = [] if p == 1 else [0.5] if p == 2 else _solve(rks[:-1], b[:-1])
+    else:  # corrector: one more node, the value at the target
+        rhos = [0.5] if p == 1 else _solve(rks, b)
+        D1s = D1s + [{new: 1.0, base: -1.0}]
+    res = lin(*zip(rhos, D1s))
+    unit = 1.0 if prediction == "data" else sigmas[target]
+    a = math.exp(-h) if prediction == "data" else 1.0
+    mm = lin((-h_phi_1, {base: 1.0}), (-B_h, res))
+    return Update.of(x={base: a}, **{m: {k: unit * v for k, v in mm.items()}})
+
+
+def plan_unipc(sigmas: list, *, order: int = 2, prediction: str = "data", solver_type: str = "bh2",
+               corrector: bool = True, disable_corrector: tuple = (), lower_order_final: bool = True) -> Plan:
+    """UniPC-``order`` (Zhao et al. 2023): UniP predictor + UniC corrector, one NFE per step.
+
+    Step ``i`` has predictor order ``min(order, i + 1)`` (warm-up) and, with ``lower_order_final``, at most the
+    number of steps left (diffusers' rule). The corrector at step ``i`` uses the order of step ``i - 1``; it is
+    skipped where ``i - 1`` is in ``disable_corrector`` (diffusers' convention) or everywhere if ``corrector=False``.
+    """
+    order = check_order(order, (1, 2, 3, 4))
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    n = len(sigmas) - 1
+    need_steps(n, order, "UniPC")
+    lam = lams(sigmas)
+    m = "d" if prediction == "data" else "e"
+    orders = [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
+    orders[-1] = 1
+    adv, cor = [], []
+    for i, p in enumerate(orders):
+        if corrector and i > 0 and (i - 1) not in disable_corrector:
+            q = orders[i - 1]
+            cor.append(_unipc_update(sigmas, lam, i - 1, [i - 1 - k for k in range(1, q)], i, q, prediction,
+                                     solver_type, m, i))
+        else:
+            cor.append(None)
+        if sigmas[i + 1] == 0:
+            adv.append(Update.of(d={i: 1.0}))
+        else:
+            adv.append(_unipc_update(sigmas, lam, i, [i - k for k in range(1, p)], None, p, prediction, solver_type,
+                                     m, i + 1))
+    name = f"unipc_{order}_{solver_type}{'' if corrector else '_nocorr'}"
+    return Plan(tuple(sigmas), tuple(adv), tuple(cor), tuple(orders), name)
+
+
+def sample_unipc(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
+                 generator: torch.Generator | None = None, callback: Callable | None = None, order: int = 2,
+                 prediction: str = "data", solver_type: str = "bh2", corrector: bool = True,
+                 disable_corrector: tuple = (), lower_order_final: bool = True) -> Tensor:
+    """UniPC (Zhao et al. 2023): UniP-``order`` predictor with the UniC corrector (order ``order + 1``), 1 NFE/step.
+
+    ``corrector=False`` is plain UniP-``order``. ``solver_type`` is ``"bh1"`` (``B(h) = h``) or ``"bh2"``
+    (``B(h) = e^h - 1``); ``prediction`` ``"data"`` (diffusers' ``predict_x0=True``) or ``"noise"``. Needs at
+    least ``order`` steps. With ``order=2, solver_type="bh2"`` this is diffusers' default UniPC.
+    """
+    return sample_plan(plan_unipc, denoiser, x, sigmas, cond, generator, callback, order=order,
+                       prediction=prediction, solver_type=solver_type, corrector=bool(corrector),
+                       disable_corrector=tuple(disable_corrector), lower_order_final=bool(lower_order_final))
