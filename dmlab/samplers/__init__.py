@@ -4,14 +4,17 @@
 decreasing schedule ending in 0 (:mod:`dmlab.schedules`). Samplers keep ``x``'s dtype and device.
 """
 from .ode import sample_euler, sample_heun
-from .sde import sample_ddpm, sample_euler_maruyama, sample_pc
+from .sde import sample_ddpm, sample_dpmpp_2m_sde, sample_euler_maruyama, sample_pc
 from .momentum import sample_ghvb, sample_hb
 from .mcmc import sample_dmcmc
+from .flows import sample_interpolant
+from .mrs import sample_mrs
 from .exponential import (sample_ddim, sample_dpm_solver, sample_dpm_solver_multistep, sample_dpmpp_2m, sample_dpmpp_3m,
                           sample_dpmpp_3m_diffusers, sample_dpmpp_3m_taylor)
 from .unipc import sample_unipc
 from .deis import sample_deis
 
 __all__ = ["sample_euler", "sample_heun", "sample_ddpm", "sample_euler_maruyama", "sample_pc", "sample_hb", "sample_ghvb", "sample_dmcmc",
+           "sample_dpmpp_2m_sde", "sample_interpolant", "sample_mrs",
            "sample_ddim", "sample_dpm_solver", "sample_dpm_solver_multistep", "sample_dpmpp_2m", "sample_dpmpp_3m",
            "sample_dpmpp_3m_diffusers", "sample_dpmpp_3m_taylor", "sample_unipc", "sample_deis"]

@@ -7,7 +7,8 @@ from dmlab import schedules
 from dmlab.denoisers import DiscreteVPDenoiser, RecordingDenoiser
 from dmlab.exact import GaussianDenoiser
 from dmlab.samplers import sample_euler
-from dmlab.samplers.sde import (gaussian_w2, output_moments, sample_ddpm, sample_euler_maruyama, sample_pc)
+from dmlab.samplers.sde import (gaussian_w2, output_moments, sample_ddpm, sample_dpmpp_2m_sde, sample_euler_maruyama,
+                                sample_pc)
 from dmlab.viz import fit_order
 
 MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
@@ -34,6 +35,30 @@ def test_weak_order_one_on_a_gaussian(sampler, kw, gauss):
     ns = [16, 32, 64, 128]
     errs = weak_errors(sampler, gauss, ns, **kw)
     assert abs(fit_order(ns, errs) - 1) < 0.25, errs
+
+
+def test_sde_dpmpp_2m_weak_order_two(gauss):
+    ns = [16, 32, 64, 128]
+    assert abs(fit_order(ns, weak_errors(sample_dpmpp_2m_sde, gauss, ns)) - 2) < 0.25
+
+
+def test_sde_dpmpp_special_cases(gauss, gen):
+    x = SMAX * torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    s = schedules.karras(10, 0.002, SMAX)
+    # first order with eta = 1 is DDPM ancestral sampling, draw for draw
+    torch.testing.assert_close(sample_dpmpp_2m_sde(gauss, x, s, order=1, generator=torch.Generator().manual_seed(2)),
+                               sample_ddpm(gauss, x, s, generator=torch.Generator().manual_seed(2)), rtol=1e-12, atol=1e-12)
+    # eta = 0 is the ODE: DPM-Solver++(2M), written out here in VE coordinates
+    ref, old = x, None
+    for i in range(10):
+        d = gauss(ref, s[i].expand(5))
+        if s[i + 1] == 0:
+            ref = d
+            continue
+        h = (s[i] / s[i + 1]).log()
+        u = d if old is None else d + (d - old) / (2 * (s[i - 1] / s[i]).log() / h)
+        ref, old = (s[i + 1] / s[i]) * ref - torch.expm1(-h) * u, d
+    torch.testing.assert_close(sample_dpmpp_2m_sde(gauss, x, s, eta=0.0), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_output_moments_match_monte_carlo(gauss, gen):
@@ -160,6 +185,24 @@ def test_ddpm_matches_diffusers_exactly_with_the_same_noise(variance):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_sde_dpmpp_2m_matches_diffusers_with_the_same_noise():
+    """diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") on a config-built UNet, same noise."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    unet = _tiny_unet()
+    sched = DPMSolverMultistepScheduler(num_train_timesteps=100, algorithm_type="sde-dpmsolver++")
+    sched.set_timesteps(8)
+    x_vp = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    g, x = torch.Generator().manual_seed(1), x_vp
+    for t in sched.timesteps:
+        with torch.no_grad():
+            x = sched.step(unet(x, t).sample, t, x, generator=g).prev_sample
+    den = DiscreteVPDenoiser.from_scheduler(unet, sched, quantize=True)
+    sig = sched.sigmas.to(torch.float32)
+    ours = sample_dpmpp_2m_sde(den, x_vp * (1 + sig[0] ** 2).sqrt(), sig, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
 def test_ddpm_matches_diffusers_in_distribution():
     """Independent noise on both sides: per-pixel means and stds agree within Monte Carlo error."""
     from diffusers import DDPMScheduler
@@ -205,5 +248,9 @@ def test_bad_input(gauss):
         sample_euler_maruyama(gauss, x, s, noise_sampler=lambda x: torch.zeros(3))
     with pytest.raises(ValueError, match="end in 0"):
         sample_ddpm(gauss, x, torch.tensor([2.0, 1.0]))
+    with pytest.raises(ValueError, match="order must be 1 or 2"):
+        sample_dpmpp_2m_sde(gauss, x, s, order=3)
+    with pytest.raises(ValueError, match="eta must be"):
+        sample_dpmpp_2m_sde(gauss, x, s, eta=-1.0)
     with pytest.raises(TypeError, match="generator"):
         sample_ddpm(gauss, x, s, generator=0)
