@@ -88,7 +88,7 @@ class ItoResult:
 
 def _as_log_q0(log_q0, M: int, B: int) -> Tensor:
     lq = torch.as_tensor(log_q0, dtype=torch.float64)
-    if lq.ndim == 1:
+    if lq.ndim == 1 and lq.shape[0] == B:
         lq = lq[None].expand(M, B)
     if lq.shape != (M, B):
         raise ValueError(f"log_q0 must be [B] = [{B}] or [M, B] = [{M}, {B}] (log q_i(x) at sigmas[0] per model)")

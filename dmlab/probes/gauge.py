@@ -91,7 +91,7 @@ def helmholtz_split(field: Callable, x: Tensor, sigma, *, n_centers: int = 200, 
 
     ``x`` ``[N, d]`` are samples of ``p_sigma`` (the weighting measure). ``phi`` is sought in the span of
     ``x_i``, ``x_i x_j`` and ``n_centers`` Gaussian bumps centred on a random subset of ``x`` (width ``bandwidth``,
-    by default the median distance from a centre to its nearest other centre times 1.5); the coefficients minimise
+    by default a quarter of the median distance between centres); the coefficients minimise
     ``mean |s - grad phi|^2 + ridge |c|^2``. The residual is orthogonal to every basis gradient, the discrete form of
     ``div(p r) = 0``."""
     if not isinstance(x, Tensor) or x.ndim != 2:
@@ -103,8 +103,7 @@ def helmholtz_split(field: Callable, x: Tensor, sigma, *, n_centers: int = 200, 
     idx = torch.randperm(N, generator=generator)[:n_centers]
     centers = xd[idx]
     if bandwidth is None:
-        cd = torch.cdist(centers, centers) + torch.eye(n_centers, dtype=torch.float64) * 1e30
-        bandwidth = 1.5 * float(cd.min(1).values.median()) if n_centers > 1 else 1.0
+        bandwidth = 0.25 * float(torch.cdist(centers, centers).median()) if n_centers > 1 else 1.0
     if not bandwidth > 0:
         raise ValueError(f"bandwidth must be > 0, got {bandwidth}")
     with torch.no_grad():

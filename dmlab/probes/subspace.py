@@ -168,6 +168,8 @@ def train_lowrank_dae(x: Tensor, n_subspaces: int, dim: int, *, generator: torch
 def subspace_distance(bases: Tensor, truth: Tensor) -> float:
     """``min_perm mean_k |U_k U_k^T - V_pi(k) V_pi(k)^T|_F / sqrt(2 d)``: 0 for the same subspaces, 1 for orthogonal
     ones (the matching over permutations is exhaustive: K is small)."""
+    if bases.shape != truth.shape:
+        raise ValueError(f"bases {tuple(bases.shape)} and truth {tuple(truth.shape)} must have the same shape")
     P = bases @ bases.transpose(1, 2)
     Q = truth.to(P) @ truth.to(P).transpose(1, 2)
     if P.shape != Q.shape:
