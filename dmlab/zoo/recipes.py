@@ -1,0 +1,141 @@
+"""The recipes of the zoo: what each model is and how it is trained (one frozen dataclass each).
+
+All pixel models work on scikit-learn's 8x8 digits in ``[-1, 1]`` (:func:`dmlab.data.load_digits`). 8x8 and not the
+bilinear 16x16: the upsampled images carry no extra information and cost 4x the FLOPs per step (planning pilot on
+this machine, 1 thread, batch 128: UNet (32, 64, 64) 172 ms/step at 8x8 against 570 ms/step at 16x16), which would
+cut the affordable training steps by 3x inside the 15-minute recipe budget.
+
+Diffusion models are trained with the DDPM loss (Ho et al. 2020): eps-prediction on a discrete VP schedule
+(diffusers ``DDPMScheduler``, linear betas 1e-4..0.02, 1000 steps, saved with the model), class labels dropped to a
+"null" class with probability ``p_uncond`` for classifier-free guidance (Ho & Salimans 2022), AdamW, a linear warmup
+then cosine decay, and an exponential moving average of the weights (the EMA weights are what is saved).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+N_CLASSES = 10
+NULL_CLASS = N_CLASSES  # the extra class id that means "no label" (classifier-free guidance)
+
+# sd_tiny: prompts, the tokenizer/text-encoder length, and Stable Diffusion's discrete schedule
+TEMPLATES = ("a handwritten {word}", "the digit {word}", "the number {num}", "a picture of a {word}", "{word}")
+MAX_LENGTH = 16  # tokenizer.model_max_length == text encoder max_position_embeddings
+SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+               "beta_schedule": "scaled_linear", "prediction_type": "epsilon"}
+
+SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
+                    "prediction_type": "epsilon", "clip_sample": False}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by every recipe."""
+
+    steps: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 100
+    ema: float = 0.999
+    p_uncond: float = 0.1
+    seed: int = 0
+    checkpoint_every: int = 250
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if not 0 <= self.ema < 1 or not 0 <= self.p_uncond < 1:
+            raise ValueError("ema and p_uncond must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One zoo model: ``kind`` (``classifier``, ``unet``, ``dit`` or ``sd``), its network config and training."""
+
+    name: str
+    kind: str
+    description: str
+    model: dict
+    train: TrainConfig
+    size: int = 8
+    extra: dict = field(default_factory=dict)  # classifier: {"train_rows": "even"} (see CLASSIFIER_ROWS)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 (first 16 hex digits) of the canonical JSON of everything that defines the trained weights."""
+        d = self.to_dict()
+        d.pop("description")
+        d["train"].pop("checkpoint_every")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def with_steps(self, steps: int, **train) -> "Recipe":
+        """The same recipe with another step count (smoke tests and quick pilots)."""
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, steps=steps, **train))
+
+
+def classifier_rows(split_rows: str, n: int):
+    """Rows of the digits train split the classifier learns from (``"even"``: 0, 2, 4, ...) and the held-back rows
+    (``"odd"``) that the digits-FD floor draws from: real digits the feature network never saw, like the test digits,
+    so the floor is not inflated by the classifier fitting its own training images more tightly."""
+    if split_rows not in ("even", "odd"):
+        raise ValueError(f"split_rows must be 'even' or 'odd', got {split_rows!r}")
+    return slice(0 if split_rows == "even" else 1, n, 2)
+
+
+def _unet(block_out_channels, layers_per_block) -> dict:
+    n = len(block_out_channels)
+    return {"sample_size": 8, "in_channels": 1, "out_channels": 1, "block_out_channels": list(block_out_channels),
+            "layers_per_block": layers_per_block, "down_block_types": ["DownBlock2D"] * n,
+            "up_block_types": ["UpBlock2D"] * n, "num_class_embeds": N_CLASSES + 1, "norm_num_groups": 8}
+
+
+def _dit(width, layers, heads) -> dict:
+    return {"num_attention_heads": heads, "attention_head_dim": width // heads, "in_channels": 1, "out_channels": 2,
+            "num_layers": layers, "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": N_CLASSES + 1}
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("classifier", "classifier",
+           "digit classifier (small CNN); its 64-d penultimate features are the digits-FD feature space",
+           {"widths": [32, 64, 128], "features": 64},
+           TrainConfig(steps=1500, batch_size=128, lr=2e-3, weight_decay=1e-4, warmup=50, ema=0.99, p_uncond=0.0),
+           extra={"train_rows": "even"}),
+    Recipe("unet_s", "unet", "class-conditional UNet2DModel, small (T-Stitch's small model)",
+           _unet((16, 32, 32), 1), TrainConfig(steps=3000, lr=2e-3)),
+    Recipe("unet_l", "unet", "class-conditional UNet2DModel, large (DeepCache target, T-Stitch's large model)",
+           _unet((32, 64, 64), 2), TrainConfig(steps=3000, lr=1e-3)),
+    Recipe("dit_s", "dit", "class-conditional DiTTransformer2DModel, small (patch 2: 16 tokens)",
+           _dit(64, 4, 4), TrainConfig(steps=3000, lr=2e-3)),
+    Recipe("dit_l", "dit", "class-conditional DiTTransformer2DModel, large (patch 2: 16 tokens)",
+           _dit(128, 6, 4), TrainConfig(steps=3000, lr=2e-3)),
+]}
+
+
+RECIPES["sd_tiny"] = Recipe(
+    "sd_tiny", "sd", "text-to-image latent diffusion (StableDiffusionPipeline: AutoencoderKL + UNet2DConditionModel "
+                     "+ CLIPTextModel) on 16x16 digits with prompts such as 'a handwritten seven'",
+    {"vae": {"in_channels": 1, "out_channels": 1, "block_out_channels": [32, 64], "layers_per_block": 1,
+             "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+             "latent_channels": 4, "norm_num_groups": 8, "sample_size": 16},
+     "unet": {"sample_size": 8, "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64, 64],
+              "layers_per_block": 1, "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 64,
+              "attention_head_dim": 8, "norm_num_groups": 8},
+     "text_encoder": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}},
+    TrainConfig(steps=3000, batch_size=64, lr=1e-3, warmup=100),
+    size=16, extra={"vae_steps": 1000, "vae_lr": 1e-3, "kl_weight": 1e-3})
+
+
+def get_recipe(name: str) -> Recipe:
+    """The recipe called ``name``; ``ValueError`` listing the known names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"a zoo name is a string such as 'unet_l', got {type(name).__name__}")
+    if name not in RECIPES:
+        raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
