@@ -1,0 +1,213 @@
+"""dmlab solvers against diffusers' schedulers on a config-built UNet with the same noise (CONVENTIONS §6), and the
+diffusers adapter (``as_diffusers_scheduler``) inside a real diffusers pipeline.
+
+The schedulers are driven on their own grid: dmlab gets the scheduler's sigmas. Where diffusers ends at its
+``sigma_min`` (DEIS; ``final_sigmas_type="sigma_min"``) dmlab's state at that sigma (before its final jump to D) is
+compared, rescaled to diffusers' VP latents. The UNet is random, so outputs use ``v_prediction`` to stay O(1)
+(``epsilon`` outputs of a random net reach ~500 and make a 1e-4 tolerance meaningless); one epsilon case is kept.
+"""
+import warnings
+
+import pytest
+import torch
+
+from dmlab import samplers, schedules
+from dmlab.denoisers import DiscreteVPDenoiser
+
+pytest.importorskip("diffusers")
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8).eval()
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+def diffusers_loop(sch, unet, noise, n):
+    sch.set_timesteps(n)
+    x = noise * sch.init_noise_sigma
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(unet(sch.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return x
+
+
+def make(cls_name, **cfg):
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(diffusers, cls_name)(**cfg)
+
+
+def ours(solver, sch, unet, noise, sigmas, stop=None, **kw):
+    """dmlab on the scheduler's grid; ``stop`` = index whose state to return, rescaled to VP latents."""
+    d = DiscreteVPDenoiser.from_scheduler(unet, sch)
+    seen = {}
+    out = solver(d, noise * (1 + sigmas[0] ** 2).sqrt(), sigmas, callback=lambda c: seen.update({c["i"]: c["x"]}), **kw)
+    if stop is None:
+        return out
+    return seen[stop] * (1 + sigmas[stop] ** 2).rsqrt().to(out.dtype)
+
+
+def zero_end(sch):
+    s = sch.sigmas.double()
+    return s if s[-1] == 0 else torch.cat([s, s.new_zeros(1)])
+
+
+def test_ddim(unet, noise):
+    sch = make("DDIMScheduler", set_alpha_to_one=True, clip_sample=False, prediction_type="v_prediction")
+    ref = diffusers_loop(sch, unet, noise, 10)
+    s = schedules.append_zero(schedules.sigmas_from_alphas_cumprod(sch.alphas_cumprod)[sch.timesteps])
+    torch.testing.assert_close(ours(samplers.sample_ddim, sch, unet, noise, s), ref, **TOL)
+
+
+@pytest.mark.parametrize("n", [8, 20])
+@pytest.mark.parametrize("cfg, solver, kw", [
+    ({}, samplers.sample_dpmpp_2m, {}),
+    ({"solver_type": "heun"}, samplers.sample_dpmpp_2m, {"solver_type": "heun"}),
+    ({"solver_order": 3}, samplers.sample_dpmpp_3m, {"variant": "diffusers"}),
+    ({"solver_order": 1}, samplers.sample_ddim, {}),
+], ids=["2m", "2m_heun", "3m", "1"])
+def test_dpm_solver_multistep(unet, noise, n, cfg, solver, kw):
+    sch = make("DPMSolverMultistepScheduler", prediction_type="v_prediction", **cfg)
+    ref = diffusers_loop(sch, unet, noise, n)
+    torch.testing.assert_close(ours(solver, sch, unet, noise, zero_end(sch), **kw), ref, **TOL)
+
+
+def test_dpmpp_2m_epsilon_and_the_3m_variants_differ(unet, noise):
+    sch = make("DPMSolverMultistepScheduler")  # diffusers' defaults: epsilon, 2M midpoint, lower_order_final
+    ref = diffusers_loop(sch, unet, noise, 10)
+    torch.testing.assert_close(ours(samplers.sample_dpmpp_2m, sch, unet, noise, zero_end(sch)), ref, **TOL)
+    sch = make("DPMSolverMultistepScheduler", solver_order=3, prediction_type="v_prediction")
+    ref = diffusers_loop(sch, unet, noise, 10)
+    taylor = ours(samplers.sample_dpmpp_3m, sch, unet, noise, zero_end(sch), variant="taylor")
+    assert (taylor - ref).abs().max() > 100 * 1e-4  # the test above could tell the two weights apart
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_dpm_solver_singlestep_data(unet, noise, order, solver_type):
+    sch = make("DPMSolverSinglestepScheduler", solver_order=order, solver_type=solver_type, prediction_type="v_prediction")
+    ref = diffusers_loop(sch, unet, noise, 11)
+    out = ours(samplers.sample_dpm_solver, sch, unet, noise, zero_end(sch), order=order, prediction="data",
+               solver_type=solver_type)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_solver_singlestep_noise(unet, noise, order):
+    # diffusers refuses final_sigmas_type="zero" for noise prediction: it ends at sigma_min; with 13 = 1 mod 2 = 1 mod 3
+    # steps its last step is first order, as dmlab's step 12 of 14 (the 14th is the jump to 0)
+    sch = make("DPMSolverSinglestepScheduler", solver_order=order, algorithm_type="dpmsolver",
+               final_sigmas_type="sigma_min", prediction_type="v_prediction")
+    ref = diffusers_loop(sch, unet, noise, 13)
+    out = ours(samplers.sample_dpm_solver, sch, unet, noise, zero_end(sch), stop=13, order=order, prediction="noise")
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("n", [7, 20])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("corrector", [True, False])
+def test_unipc_bh2(unet, noise, n, order, corrector):
+    sch = make("UniPCMultistepScheduler", solver_order=order, prediction_type="v_prediction",
+               disable_corrector=[] if corrector else list(range(n)))
+    ref = diffusers_loop(sch, unet, noise, n)
+    out = ours(samplers.sample_unipc, sch, unet, noise, zero_end(sch), order=order, corrector=corrector)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_unipc_bh1(unet, noise, order):
+    # diffusers' bh1 with final_sigmas_type="zero" multiplies B(h) = -inf by 0 in its last step (NaN), so compare
+    # at sigma_min; dmlab does not correct the state the final diffusers step returns (disable_corrector)
+    n = 12
+    sch = make("UniPCMultistepScheduler", solver_order=order, solver_type="bh1", final_sigmas_type="sigma_min",
+               lower_order_final=False, prediction_type="v_prediction")
+    ref = diffusers_loop(sch, unet, noise, n)
+    out = ours(samplers.sample_unipc, sch, unet, noise, zero_end(sch), stop=n, order=order, solver_type="bh1",
+               lower_order_final=False, disable_corrector=(n - 1,))
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_deis(unet, noise, order):
+    # diffusers' DEIS ends at sigma_min (no final denoising); lower_order_final off on both sides because dmlab has one
+    # more step (the jump to 0) and would lower the order one step later
+    n = 10
+    sch = make("DEISMultistepScheduler", solver_order=order, lower_order_final=False, prediction_type="v_prediction")
+    ref = diffusers_loop(sch, unet, noise, n)
+    out = ours(samplers.sample_deis, sch, unet, noise, zero_end(sch), stop=n, order=order, variant="logrho",
+               lower_order_final=False)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_euler_and_heun(unet, noise):
+    sch = make("EulerDiscreteScheduler", prediction_type="v_prediction")
+    ref = diffusers_loop(sch, unet, noise, 10)  # linspace over 999 in 10 steps: integer timesteps
+    d = DiscreteVPDenoiser.from_scheduler(unet, sch)
+    torch.testing.assert_close(samplers.sample_euler(d, noise * sch.init_noise_sigma, sch.sigmas.double()), ref, **TOL)
+    sch = make("HeunDiscreteScheduler", prediction_type="v_prediction", clip_sample=False)  # default clips x0 to [-1, 1]
+    ref = diffusers_loop(sch, unet, noise, 10)
+    d = DiscreteVPDenoiser.from_scheduler(unet, sch)  # Heun's default betas differ from Euler's
+    s = torch.cat([sch.sigmas[::2].double(), torch.zeros(1, dtype=torch.float64)])  # diffusers repeats inner sigmas
+    torch.testing.assert_close(samplers.sample_heun(d, noise * sch.init_noise_sigma, s), ref, **TOL)
+
+
+# ------------------------------------------------------------------------------------------------ the adapter
+@pytest.mark.parametrize("solver, options, fn", [
+    ("dpmpp_3m", {}, samplers.sample_dpmpp_3m),
+    ("unipc", {"order": 3}, samplers.sample_unipc),
+    ("deis", {"variant": "tab"}, samplers.sample_deis),
+    ("dpm_solver", {"order": 2, "prediction": "data"}, samplers.sample_dpm_solver),
+    ("ddim", {}, samplers.sample_ddim),
+])
+def test_adapter_in_a_pipeline_matches_the_function(unet, solver, options, fn, tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    base = DDPMScheduler(prediction_type="v_prediction")
+    sch = as_diffusers_scheduler(solver, base, schedule="karras", **options)
+    pipe = DDPMPipeline(unet=unet, scheduler=sch)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(batch_size=2, num_inference_steps=9, generator=torch.Generator().manual_seed(3), output_type="np").images
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    d = DiscreteVPDenoiser.from_scheduler(unet, base)
+    s = sch.dmlab_sigmas(9)
+    assert s[0] == pytest.approx(float(d.sigmas_train[-1])) and s[-2] == pytest.approx(float(d.sigmas_train[0]))
+    x = fn(d, noise * (1 + s[0] ** 2).sqrt(), s, **options)
+    expect = (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    torch.testing.assert_close(torch.from_numpy(img), torch.from_numpy(expect), rtol=1e-5, atol=1e-5)
+    # a plain config: it saves, reloads and samples the same
+    sch.save_config(tmp_path)
+    again = type(sch).from_config(type(sch).load_config(tmp_path))
+    assert again.config.solver == solver and dict(again.config.options) == options
+
+
+def test_adapter_validates(unet):
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    with pytest.raises(ValueError, match="unknown solver"):
+        as_diffusers_scheduler("dpm++")
+    with pytest.raises(ValueError, match="unknown variant"):
+        as_diffusers_scheduler("dpmpp_3m", variant="half")
+    with pytest.raises(ValueError, match="fixes"):
+        as_diffusers_scheduler("dpmpp_2m", order=3)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        as_diffusers_scheduler("ddim", schedule="cosine")
+    sch = as_diffusers_scheduler("unipc", order=3)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        sch.step(torch.zeros(1, 1, 8, 8), 999, torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="at least 3 steps"):
+        sch.set_timesteps(2)
