@@ -179,8 +179,8 @@ def sigma_to_index(sigma: Tensor, sigmas_train: Tensor) -> Tensor:
 
     Exact at the training sigmas; clamped to ``[0, T-1]`` outside their range.
     """
-    st = torch.as_tensor(sigmas_train, dtype=torch.float64)
     s = torch.as_tensor(sigma, dtype=torch.float64)
+    st = torch.as_tensor(sigmas_train, dtype=torch.float64).to(s.device)  # a CUDA sigma with CPU training sigmas
     log_s, log_st = s.clamp_min(1e-30).log(), st.log()
     idx = torch.searchsorted(log_st, log_s.reshape(-1).contiguous()).clamp(1, len(st) - 1)
     lo, hi = log_st[idx - 1], log_st[idx]

@@ -84,3 +84,11 @@ def test_cli_lists_the_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "unet_l" in out and "MFLOPs" in out
+
+
+def test_sigma_to_index_follows_sigma_to_another_device():
+    """Zoo denoisers on a GPU pass CUDA sigmas with CPU training sigmas (the meta device stands in for CUDA here)."""
+    from dmlab import schedules
+
+    st = schedules.sigmas_from_alphas_cumprod(torch.cumprod(1 - schedules.betas_for(1000), 0))
+    assert schedules.sigma_to_index(torch.tensor([1.0], device="meta"), st).device.type == "meta"
