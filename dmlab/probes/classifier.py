@@ -38,7 +38,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["classifier_sigmas", "round_indices", "ClassifierResult", "diffusion_classify", "ClassConditional",
+__all__ = ["classifier_sigmas", "round_indices", "ClassifierResult", "diffusion_classify", "prune_table",
+           "ClassConditional",
            "label_conds", "pooled_features", "linear_probe", "probe_grid"]
 
 LOSSES = ("l2", "l1", "huber")
@@ -96,20 +97,28 @@ def _log_cells(sigmas: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------- classifier
 @dataclass
 class ClassifierResult:
-    """What :func:`diffusion_classify` returns.
+    """What :func:`diffusion_classify` (and :func:`prune_table`) return.
 
     ``pred [B]`` the predicted row of ``conds``; ``scores [B, C]`` the weighted mean error of each candidate over the
-    pairs it was evaluated on (``inf`` for classes never evaluated); ``n_evals [B, C]`` how many ``(sigma, eps)``
-    pairs each class got; ``nfe`` denoiser evaluations per image; ``dim`` values per image; ``weighting``.
+    pairs it was evaluated on (``inf`` for classes never evaluated); ``table [B, C, n]`` the mean error (over trials)
+    of every evaluated (class, grid sigma) pair, NaN elsewhere; ``sigmas [n]`` the grid; ``nfe`` denoiser evaluations
+    per image; ``dim`` values per image.
     """
 
     pred: Tensor
     scores: Tensor
-    n_evals: Tensor
+    table: Tensor
+    sigmas: Tensor
     nfe: int
     dim: int
     weighting: str
     loss: str
+    n_trials: int = 1
+
+    @property
+    def n_evals(self) -> Tensor:
+        """``[B, C]``: how many (sigma, eps) pairs each class was scored on."""
+        return (~self.table.isnan()).sum(2) * self.n_trials
 
     def accuracy(self, labels: Tensor) -> float:
         """Fraction of ``pred`` equal to ``labels``."""
@@ -163,6 +172,60 @@ def _err(eps: Tensor, eps_hat: Tensor, loss: str) -> Tensor:
     return e.reshape(e.shape[0], -1).mean(1)
 
 
+def _check_schedule(n_samples, to_keep, C: int) -> tuple[list[int], list[int]]:
+    n_samples, to_keep = [int(n) for n in n_samples], [int(k) for k in to_keep]
+    if not n_samples or len(n_samples) != len(to_keep):
+        raise ValueError("n_samples and to_keep must be non-empty and of equal length (one entry per round)")
+    if any(b < a for a, b in zip(n_samples, n_samples[1:])) or n_samples[0] < 1:
+        raise ValueError(f"n_samples must be positive and non-decreasing, got {n_samples}")
+    if any(b > a for a, b in zip(to_keep, to_keep[1:])) or to_keep[-1] < 1 or to_keep[0] > C:
+        raise ValueError(f"to_keep must be non-increasing, within [1, {C}] (the number of classes), got {to_keep}")
+    return n_samples, to_keep
+
+
+def _check_grid(sigmas, need: int) -> Tensor:
+    grid = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
+    if len(grid) < need or (grid <= 0).any() or not torch.isfinite(grid).all():
+        raise ValueError(f"sigmas must hold at least max(n_samples) = {need} finite positive values")
+    if len(grid) > 1 and not (grid[1:] > grid[:-1]).all():
+        raise ValueError("sigmas must be strictly increasing (the grid is ordered like the timesteps)")
+    return grid
+
+
+def _weights(grid: Tensor, weighting) -> Tensor:
+    if isinstance(weighting, str):
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        return _log_cells(grid) if weighting == "elbo" else torch.ones(len(grid), dtype=torch.float64)
+    raise TypeError(f"weighting must be one of {WEIGHTINGS}")
+
+
+def _scores(table: Tensor, w: Tensor) -> Tensor:
+    ok = ~table.isnan()
+    wsum = torch.where(ok, table * w, torch.zeros_like(table)).sum(2)
+    wtot = (ok * w).sum(2)
+    return torch.where(wtot > 0, wsum / wtot.clamp_min(1e-300), torch.full_like(wsum, math.inf))
+
+
+def _run_rounds(B: int, C: int, n_full: int, n_samples, to_keep, w: Tensor, fill) -> tuple[Tensor, Tensor, int]:
+    """The adaptive schedule of the official ``eval_prob_adaptive.py``; ``fill(table, remaining, new)`` writes the
+    errors of the classes ``remaining [B, k]`` at grid indices ``new``. Returns ``(pred, table, evaluations)``."""
+    table = torch.full((B, C, n_full), math.nan, dtype=torch.float64)
+    remaining = torch.arange(C).expand(B, C)
+    done: list[int] = []
+    evals = 0
+    for n, keep in zip(n_samples, to_keep):
+        new = [j for j in round_indices(n_full, n) if j not in done]
+        done += new
+        if new:
+            fill(table, remaining, new)
+            evals += remaining.shape[1] * len(new)
+        cur = _scores(table, w).gather(1, remaining)
+        remaining = remaining.gather(1, cur.argsort(dim=1, stable=True)[:, :keep])
+    sc = _scores(table, w).gather(1, remaining)
+    return remaining.gather(1, sc.argmin(1, keepdim=True)).squeeze(1), table, evals
+
+
 @torch.no_grad()
 def diffusion_classify(denoiser: Callable, x0: Tensor, conds: dict, *, n_samples: Sequence[int] = (25,),
                        to_keep: Sequence[int] = (1,), sigmas: Tensor | None = None, n_trials: int = 1,
@@ -186,7 +249,9 @@ def diffusion_classify(denoiser: Callable, x0: Tensor, conds: dict, *, n_samples
             cell widths, scaled so that the score is the quadrature of the integral over the whole grid).
         shared_noise: the same ``eps`` for every class (paper); ``False`` draws independent noise per class (the
             ablation the paper uses to motivate sharing).
-        generator: every noise draw comes from it.
+        generator: every noise draw comes from it. The noise of the whole grid is drawn up front (per image, grid
+            sigma and trial; and per class when not shared), so a pruned run reads exactly the errors a full run
+            would: :func:`prune_table` on a full table reproduces it.
 
     Returns a :class:`ClassifierResult`; ``nfe`` counts denoiser evaluations (batch rows) per image.
     """
@@ -198,75 +263,81 @@ def diffusion_classify(denoiser: Callable, x0: Tensor, conds: dict, *, n_samples
         raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     C = _check_conds(conds)
-    n_samples, to_keep = [int(n) for n in n_samples], [int(k) for k in to_keep]
-    if not n_samples or len(n_samples) != len(to_keep):
-        raise ValueError("n_samples and to_keep must be non-empty and of equal length (one entry per round)")
-    if any(b < a for a, b in zip(n_samples, n_samples[1:])) or n_samples[0] < 1:
-        raise ValueError(f"n_samples must be positive and non-decreasing, got {n_samples}")
-    if any(b > a for a, b in zip(to_keep, to_keep[1:])) or to_keep[-1] < 1 or to_keep[0] > C:
-        raise ValueError(f"to_keep must be non-increasing, within [1, {C}] (the number of classes), got {to_keep}")
+    n_samples, to_keep = _check_schedule(n_samples, to_keep, C)
     if isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1:
         raise ValueError(f"n_trials must be an int >= 1, got {n_trials!r}")
-    grid = classifier_sigmas(denoiser, max(n_samples)) if sigmas is None else \
-        torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
-    if len(grid) < max(n_samples) or (grid <= 0).any() or not torch.isfinite(grid).all():
-        raise ValueError(f"sigmas must hold at least max(n_samples) = {max(n_samples)} finite positive values")
-    if len(grid) > 1 and not (grid[1:] > grid[:-1]).all():
-        raise ValueError("sigmas must be strictly increasing (the grid is ordered like the timesteps)")
-    n_full = len(grid)
-    w_full = _log_cells(grid) if weighting == "elbo" else torch.ones(n_full, dtype=torch.float64)
-
+    grid = _check_grid(classifier_sigmas(denoiser, max(n_samples)) if sigmas is None else sigmas, max(n_samples))
+    w = _weights(grid, weighting)
     B, shape, dev, dt = x0.shape[0], x0.shape[1:], x0.device, x0.dtype
-    dim = math.prod(shape)
-    wsum = torch.zeros(B, C, dtype=torch.float64)   # sum_j w_j * mean_trial err
-    wtot = torch.zeros(B, C, dtype=torch.float64)   # sum_j w_j
-    n_evals = torch.zeros(B, C, dtype=torch.long)
-    remaining = torch.arange(C).expand(B, C)        # [B, k] candidate rows still in the race
-    done: list[int] = []
-    nfe = 0
-    for n, keep in zip(n_samples, to_keep):
-        new = [j for j in round_indices(n_full, n) if j not in done]
-        done += new
-        k, J, m = remaining.shape[1], len(new), n_trials
-        if J:
-            sig = grid[new].to(dev, dt)                                   # [J]
-            if shared_noise:
-                eps = torch.randn((B, 1, J, m, *shape), generator=generator, dtype=dt).to(dev).expand(B, k, J, m, *shape)
-            else:
-                eps = torch.randn((B, k, J, m, *shape), generator=generator, dtype=dt).to(dev)
-            rows_b = torch.arange(B)[:, None, None, None].expand(B, k, J, m).reshape(-1)
-            rows_c = remaining[:, :, None, None].expand(B, k, J, m).reshape(-1)
-            rows_s = sig[None, None, :, None].expand(B, k, J, m).reshape(-1)
-            eps = eps.reshape(-1, *shape)
-            errs = torch.empty(len(rows_b), dtype=torch.float64)
-            for i in range(0, len(rows_b), batch_size):
-                sl = slice(i, i + batch_size)
-                e, s = eps[sl], rows_s[sl]
-                x = x0[rows_b[sl]] + s.reshape(-1, *([1] * len(shape))) * e
-                cond = {key: v[rows_c[sl].to(v.device)] for key, v in conds.items()}
-                d = denoiser(x, s, **cond)
-                eps_hat = (x - d.to(dt)) / s.reshape(-1, *([1] * len(shape)))
-                errs[sl] = _err(e, eps_hat, loss).double().cpu()
-            errs = errs.reshape(B, k, J, m).mean(3)                       # [B, k, J]
-            w = w_full[new]                                               # [J]
-            idx = remaining
-            wsum.scatter_add_(1, idx, (errs * w).sum(2))
-            wtot.scatter_add_(1, idx, w.expand(B, k, J).sum(2))
-            n_evals.scatter_add_(1, idx, torch.full((B, k), J * m, dtype=torch.long))
-            nfe += k * J * m
-        score = torch.where(wtot > 0, wsum / wtot.clamp_min(1e-300), torch.full_like(wsum, math.inf))
-        cur = score.gather(1, remaining)
-        order = cur.argsort(dim=1, stable=True)[:, :keep]
-        remaining = remaining.gather(1, order)
-    scores = torch.where(wtot > 0, wsum / wtot.clamp_min(1e-300), torch.full_like(wsum, math.inf))
+    m = n_trials
+    eps_all = torch.randn((B, 1 if shared_noise else C, len(grid), m, *shape), generator=generator, dtype=dt)
+    unsq = [1] * len(shape)
+
+    def fill(table: Tensor, remaining: Tensor, new: list[int]) -> None:
+        k, J = remaining.shape[1], len(new)
+        bi = torch.arange(B)[:, None, None, None].expand(B, k, J, m).reshape(-1)
+        ci = remaining[:, :, None, None].expand(B, k, J, m).reshape(-1)
+        ji = torch.as_tensor(new)[None, None, :, None].expand(B, k, J, m).reshape(-1)
+        ti = torch.arange(m)[None, None, None, :].expand(B, k, J, m).reshape(-1)
+        errs = torch.empty(len(bi), dtype=torch.float64)
+        for i in range(0, len(bi), batch_size):
+            sl = slice(i, i + batch_size)
+            e = eps_all[bi[sl], 0 if shared_noise else ci[sl], ji[sl], ti[sl]].to(dev)
+            s = grid[ji[sl]].to(dev, dt)
+            x = x0[bi[sl].to(dev)] + s.reshape(-1, *unsq) * e
+            cond = {key: v[ci[sl].to(v.device)] for key, v in conds.items()}
+            eps_hat = (x - denoiser(x, s, **cond).to(dt)) / s.reshape(-1, *unsq)
+            errs[sl] = _err(e, eps_hat, loss).double().cpu()
+        table[torch.arange(B)[:, None, None], remaining[:, :, None], torch.as_tensor(new)[None, None, :]] = \
+            errs.reshape(B, k, J, m).mean(3)
+
+    pred, table, evals = _run_rounds(B, C, len(grid), n_samples, to_keep, w, fill)
+    return _result(pred, table, grid, w, evals * m, math.prod(shape), weighting, loss, m)
+
+
+def _result(pred, table, grid, w, nfe, dim, weighting, loss, m) -> ClassifierResult:
+    scores = _scores(table, w)
     if weighting == "elbo":
-        scores = scores * w_full.sum()
-    pred = remaining.gather(1, scores.gather(1, remaining).argmin(1, keepdim=True)).squeeze(1)
-    return ClassifierResult(pred=pred, scores=scores.float() if dt == torch.float32 else scores, n_evals=n_evals,
-                            nfe=nfe, dim=dim, weighting=weighting, loss=loss)
+        scores = scores * w.sum()
+    return ClassifierResult(pred=pred, scores=scores, table=table, sigmas=grid, nfe=nfe, dim=dim,
+                            weighting=weighting, loss=loss, n_trials=m)
+
+
+def prune_table(result: ClassifierResult, n_samples: Sequence[int], to_keep: Sequence[int], *,
+                weighting: str | None = None) -> ClassifierResult:
+    """Replay an adaptive schedule on the errors of a run that evaluated every class on its whole grid, without
+    new denoiser calls (Li et al. 2023, paper 33: accuracy against the evaluation budget from one table).
+
+    With ``max(n_samples)`` equal to the table's grid size this is exactly what :func:`diffusion_classify` with
+    these ``n_samples``/``to_keep`` and the same generator state returns. A smaller ``max(n_samples)`` uses the
+    stratified subset :func:`round_indices` of the table's grid as its grid (same noise draws; the grid is offset
+    from :func:`classifier_sigmas` of that size by less than one cell)."""
+    if not isinstance(result, ClassifierResult):
+        raise TypeError("result must be a ClassifierResult of a full-grid run")
+    B, C, n_full = result.table.shape
+    n_samples, to_keep = _check_schedule(n_samples, to_keep, C)
+    if max(n_samples) > n_full:
+        raise ValueError(f"max(n_samples) = {max(n_samples)} exceeds the table's grid of {n_full}")
+    weighting = result.weighting if weighting is None else weighting
+    sub = result.sigmas if max(n_samples) == n_full else None
+    if sub is None:  # a smaller budget uses the stratified subset of the table's grid as its own grid
+        idx = round_indices(n_full, max(n_samples))
+        sub_table, grid = result.table[:, :, idx], result.sigmas[idx]
+    else:
+        sub_table, grid = result.table, result.sigmas
+    w = _weights(grid, weighting)
+
+    def fill(table: Tensor, remaining: Tensor, new: list[int]) -> None:
+        vals = sub_table[torch.arange(B)[:, None, None], remaining[:, :, None], torch.as_tensor(new)[None, None, :]]
+        if vals.isnan().any():
+            raise ValueError("the table lacks some (class, sigma) errors this schedule needs; run diffusion_classify "
+                             "with n_samples=(n_full,), to_keep=(1,) first")
+        table[torch.arange(B)[:, None, None], remaining[:, :, None], torch.as_tensor(new)[None, None, :]] = vals
+
+    pred, table, evals = _run_rounds(B, C, len(grid), n_samples, to_keep, w, fill)
+    return _result(pred, table, grid, w, evals * result.n_trials, result.dim, weighting, result.loss,
+                   result.n_trials)
 
 
 class ClassConditional:
