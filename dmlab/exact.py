@@ -41,11 +41,26 @@ class ExactDenoiser:
     dim: int
     shape: tuple
 
+    def to(self, device) -> "ExactDenoiser":
+        """Move every tensor the denoiser holds to ``device`` (done automatically on the first call with an input
+        on another device); returns ``self``."""
+        device = torch.device(device)
+        for k, v in list(vars(self).items()):
+            if isinstance(v, Tensor) and v.device != device:
+                setattr(self, k, v.to(device))
+        self._device = device
+        return self
+
+    def _follow(self, x: Tensor) -> None:
+        if getattr(self, "_device", None) != x.device:
+            self.to(x.device)
+
     def denoise(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
         sigma = as_sigma(sigma, x)
+        self._follow(x)
         xf = _flat(x, self.dim)
         out = xf.clone()
         pos = sigma > 0
@@ -138,6 +153,7 @@ class GMMDenoiser(ExactDenoiser):
     def log_prob(self, x: Tensor, sigma) -> Tensor:
         """``log p_sigma(x)`` of the noised mixture, ``[B]`` (float64)."""
         sigma = as_sigma(sigma, x).to(torch.float64)
+        self._follow(x)
         if (sigma == 0).any() and (self.eigvals <= 0).any():
             raise ValueError("a mixture with singular covariances has no density at sigma = 0; use sigma > 0")
         _, _, logn = self._parts(_flat(x, self.dim), sigma)
@@ -146,18 +162,20 @@ class GMMDenoiser(ExactDenoiser):
     def score(self, x: Tensor, sigma, **cond) -> Tensor:
         """Exact score ``-sum_k r_k (C_k + sigma^2 I)^-1 (x - mu_k)``; finite at sigma = 0 for non-singular covariances."""
         sigma = as_sigma(sigma, x).to(torch.float64)
+        self._follow(x)
         z, v, logn = self._parts(_flat(x, self.dim), sigma)
         r = torch.softmax(logn + self.weights.log()[None], dim=1)
         s = -torch.einsum("kdj,bkj->bkd", self.eigvecs, z / v)
         return (r[..., None] * s).sum(1).reshape(x.shape).to(x.dtype)
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, return_labels: bool = False):
-        """``n`` draws of the data distribution, shape ``[n, *shape]`` (float64); optionally the component labels."""
+        """``n`` draws of the data distribution, shape ``[n, *shape]`` (float64, on the CPU like every random draw);
+        optionally the component labels."""
         self._check_n(n, generator)
-        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        k = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        root = self.eigvecs * self.eigvals.sqrt()[:, None, :]  # C = root root^T
-        x = self.means[k] + torch.einsum("nij,nj->ni", root[k], eps)
+        root = (self.eigvecs * self.eigvals.sqrt()[:, None, :]).cpu()  # C = root root^T
+        x = self.means.cpu()[k] + torch.einsum("nij,nj->ni", root[k], eps)
         x = x.reshape(n, *self.shape)
         return (x, k) if return_labels else x
 
@@ -235,6 +253,7 @@ class EmpiricalDenoiser(ExactDenoiser):
         sigma = as_sigma(sigma, x).to(torch.float64)
         if (sigma <= 0).any():
             raise ValueError("the empirical distribution has no density at sigma = 0; use sigma > 0")
+        self._follow(x)
         xf = _flat(x, self.dim)
         logits = self._logits(xf, sigma, class_labels)
         if class_labels is None:
@@ -249,15 +268,16 @@ class EmpiricalDenoiser(ExactDenoiser):
         """``n`` training points drawn uniformly with replacement, shape ``[n, *shape]`` (float64)."""
         self._check_n(n, generator)
         idx = torch.randint(len(self.data), (n,), generator=generator)
-        x = self.data[idx].reshape(n, *self.shape)
+        x = self.data.cpu()[idx].reshape(n, *self.shape)
         if return_labels:
             if self.labels is None:
                 raise ValueError("this EmpiricalDenoiser has no labels")
-            return x, self.labels[idx]
+            return x, self.labels.cpu()[idx]
         return x
 
     def nearest(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Distance to, and index of, the nearest training point of each sample in ``x`` (the memorisation test)."""
+        self._follow(x)
         xf = _flat(x, self.dim)
         d2 = (xf ** 2).sum(1, keepdim=True) - 2 * xf @ self.data.T + self.sq[None]
         v, i = d2.clamp_min(0).min(1)

@@ -148,3 +148,14 @@ def test_sampling_is_deterministic(smooth_gmm):
     b = smooth_gmm.sample(5, torch.Generator().manual_seed(1))
     c = smooth_gmm.sample(5, torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_to_moves_buffers_and_calls_follow_the_input(smooth_gmm, gen):
+    # 'meta' stands in for an accelerator: the buffers must follow the input's device without a CPU round trip
+    x = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    ref = smooth_gmm(x, 0.5)
+    smooth_gmm.to("meta")
+    assert smooth_gmm.means.device.type == "meta"
+    assert smooth_gmm(x, 0.5).device.type == "cpu" and smooth_gmm.means.device.type == "cpu"  # followed back
+    torch.testing.assert_close(smooth_gmm(x, 0.5), ref)
+    assert smooth_gmm.sample(4, gen).device.type == "cpu"
