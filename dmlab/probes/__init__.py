@@ -15,7 +15,7 @@ from .density import gaussian_log_prior, ito_log_density, sample_reverse_sde, su
 from .fields import add_field, divergence, energy_distance, jacobian, score_of
 from .fokker_planck import fp_regulariser, log_fp_residual, ode_sde_gap, score_fp_residual
 from .gauge import helmholtz_split, intrinsic_dimension, jacobian_asymmetry, mle_dimension, skew_gauge
-from .subspace import (LowRankDenoiser, generalisation, lowrank_denoise, molrg, subspace_clustering,
+from .subspace import (LowRankDenoiser, generalisation, lowrank_denoise, molrg, sample_per_subspace, subspace_clustering,
                        subspace_distance, train_lowrank_dae)
 
 __all__ = ["Capture", "capture", "extract_features", "tokens_to_grid", "vit_features",
@@ -23,5 +23,5 @@ __all__ = ["Capture", "capture", "extract_features", "tokens_to_grid", "vit_feat
            "add_field", "divergence", "energy_distance", "jacobian", "score_of",
            "fp_regulariser", "log_fp_residual", "ode_sde_gap", "score_fp_residual",
            "helmholtz_split", "intrinsic_dimension", "jacobian_asymmetry", "mle_dimension", "skew_gauge",
-           "LowRankDenoiser", "generalisation", "lowrank_denoise", "molrg", "subspace_clustering",
+           "LowRankDenoiser", "generalisation", "lowrank_denoise", "molrg", "sample_per_subspace", "subspace_clustering",
            "subspace_distance", "train_lowrank_dae"]

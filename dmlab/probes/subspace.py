@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["molrg", "lowrank_denoise", "LowRankDenoiser", "subspace_clustering", "train_lowrank_dae",
+__all__ = ["molrg", "sample_per_subspace", "lowrank_denoise", "LowRankDenoiser", "subspace_clustering", "train_lowrank_dae",
            "subspace_distance", "generalisation"]
 
 
@@ -56,6 +56,19 @@ def molrg(ambient: int, n_subspaces: int, dim: int, *, generator: torch.Generato
     w = torch.ones(n_subspaces, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     gmm = GMMDenoiser(w, torch.zeros(n_subspaces, ambient, dtype=torch.float64), bases @ bases.transpose(1, 2))
     return gmm, bases
+
+
+def sample_per_subspace(bases: Tensor, n: int, *, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Exactly ``n`` MoLRG samples ``U_k a`` (``a ~ N(0, I_d)``) from *each* subspace: ``(x [K n, ambient], labels)``.
+    (Drawing the component at random, as ``GMMDenoiser.sample`` does, can leave a subspace with too few points when
+    ``n`` is small.)"""
+    _check_bases(bases)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    K, _, d = bases.shape
+    a = torch.randn(K, n, d, generator=generator, dtype=torch.float64)
+    x = torch.einsum("knd,kmd->kmn", bases.to(torch.float64), a).reshape(K * n, -1)
+    return x, torch.arange(K).repeat_interleave(n)
 
 
 def lowrank_denoise(x: Tensor, sigma: Tensor, bases: Tensor, log_weights: Tensor | None = None) -> Tensor:
@@ -98,7 +111,7 @@ def _fit_basis(x: Tensor, dim: int) -> Tensor:
 
 
 def subspace_clustering(x: Tensor, n_subspaces: int, dim: int, *, generator: torch.Generator,
-                        n_init: int = 10, iters: int = 30) -> tuple[Tensor, Tensor]:
+                        n_init: int = 30, iters: int = 30) -> tuple[Tensor, Tensor]:
     """K-subspaces clustering of points ``x`` ``[N, n]`` into ``n_subspaces`` linear subspaces of dimension ``dim``
     (Bradley & Mangasarian 2000): assign each point to the basis with the largest ``|U_k^T x|`` (the MoLRG denoiser's
     responsibilities as ``sigma -> 0``), refit each ``U_k`` by a rank-``dim`` SVD, repeat; keep the restart with the
@@ -141,28 +154,43 @@ def subspace_clustering(x: Tensor, n_subspaces: int, dim: int, *, generator: tor
 
 
 def train_lowrank_dae(x: Tensor, n_subspaces: int, dim: int, *, generator: torch.Generator, steps: int = 500,
-                      lr: float = 0.05, batch: int = 128, sigma_range: tuple = (0.05, 1.0)) -> Tensor:
+                      lr: float = 0.05, batch: int = 128, sigma_range: tuple = (0.05, 1.0), n_init: int = 5) -> Tensor:
     """Train the paper's parametrised denoiser (free bases ``U_k = qr(W_k).Q``) by denoising score matching on
     ``x`` ``[N, n]`` with ``log sigma`` uniform in ``sigma_range``; returns the learned bases ``[K, n, dim]``.
-    Initialised like :func:`subspace_clustering` (seed point + random directions), Adam."""
+    Each of ``n_init`` runs starts like :func:`subspace_clustering` (a seed point + small random directions) and
+    runs Adam; like any non-convex fit it can stop in a wrong partition, so the run with the lowest loss on a fixed
+    evaluation batch is kept (the counterpart of clustering's restarts)."""
     x = x.reshape(len(x), -1).to(torch.float64)
     N, n = x.shape
-    seeds = torch.randperm(N, generator=generator)[:n_subspaces]
-    W = torch.stack([torch.cat([x[s:s + 1].T, 0.1 * torch.randn(n, dim - 1, generator=generator,
-                                                                 dtype=torch.float64)], 1) for s in seeds])
-    W.requires_grad_(True)
-    opt = torch.optim.Adam([W], lr=lr)
     lo, hi = math.log(sigma_range[0]), math.log(sigma_range[1])
-    for _ in range(steps):
-        idx = torch.randint(N, (batch,), generator=generator)
-        sig = (lo + (hi - lo) * torch.rand(batch, generator=generator, dtype=torch.float64)).exp()
+
+    def draw(b):
+        idx = torch.randint(N, (b,), generator=generator)
+        sig = (lo + (hi - lo) * torch.rand(b, generator=generator, dtype=torch.float64)).exp()
         x0 = x[idx]
-        xn = x0 + sig[:, None] * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
-        loss = (((lowrank_denoise(xn, sig, torch.linalg.qr(W).Q) - x0) ** 2).sum(1) / sig ** 2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return torch.linalg.qr(W.detach()).Q
+        return x0, x0 + sig[:, None] * torch.randn(x0.shape, generator=generator, dtype=torch.float64), sig
+
+    def loss_of(W, x0, xn, sig):
+        return (((lowrank_denoise(xn, sig, torch.linalg.qr(W).Q) - x0) ** 2).sum(1) / sig ** 2).mean()
+
+    held = draw(1024)
+    best = (math.inf, None)
+    for _ in range(n_init):
+        seeds = torch.randperm(N, generator=generator)[:n_subspaces]
+        W = torch.stack([torch.cat([x[s:s + 1].T, 0.1 * torch.randn(n, dim - 1, generator=generator,
+                                                                     dtype=torch.float64)], 1) for s in seeds])
+        W.requires_grad_(True)
+        opt = torch.optim.Adam([W], lr=lr)
+        for _ in range(steps):
+            loss = loss_of(W, *draw(batch))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            final = float(loss_of(W, *held))
+        if final < best[0]:
+            best = (final, W.detach().clone())
+    return torch.linalg.qr(best[1]).Q
 
 
 def subspace_distance(bases: Tensor, truth: Tensor) -> float:

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dmlab.exact import EmpiricalDenoiser
-from dmlab.probes import (LowRankDenoiser, generalisation, lowrank_denoise, molrg, subspace_clustering,
+from dmlab.probes import (LowRankDenoiser, generalisation, lowrank_denoise, molrg, sample_per_subspace,
+                          subspace_clustering,
                           subspace_distance, train_lowrank_dae)
 
 
@@ -18,13 +19,16 @@ def test_lowrank_denoiser_is_the_exact_posterior_mean(gen):
     torch.testing.assert_close(LowRankDenoiser(U)(x, 0.3), gmm(x, 0.3), rtol=1e-9, atol=1e-9)
 
 
-def test_subspace_clustering_needs_about_d_samples_per_subspace():
+def test_subspace_clustering_needs_d_plus_one_samples_per_subspace():
     gen = torch.Generator().manual_seed(0)
     for d in (2, 4):
         gmm, U = molrg(32, 2, d, generator=gen)
-        few = subspace_distance(subspace_clustering(gmm.sample(2 * (d - 1), gen), 2, d, generator=gen)[0], U)
-        enough = subspace_distance(subspace_clustering(gmm.sample(2 * 3 * d, gen), 2, d, generator=gen)[0], U)
-        assert few > 0.2 and enough < 1e-6
+        err = {}
+        for N in (d - 1, d + 1, 3 * d):
+            x, labels = sample_per_subspace(U, N, generator=gen)
+            assert torch.equal(torch.bincount(labels), torch.tensor([N, N]))
+            err[N] = subspace_distance(subspace_clustering(x, 2, d, generator=gen)[0], U)
+        assert err[d - 1] > 0.2 and err[d + 1] < 1e-6 and err[3 * d] < 1e-6
 
 
 def test_dsm_on_the_parametrised_denoiser_finds_the_clustering_solution():
@@ -32,7 +36,7 @@ def test_dsm_on_the_parametrised_denoiser_finds_the_clustering_solution():
     gmm, U = molrg(16, 2, 2, generator=gen)
     x = gmm.sample(60, gen)
     sc, labels = subspace_clustering(x, 2, 2, generator=gen)
-    dae = train_lowrank_dae(x, 2, 2, generator=gen, steps=120)
+    dae = train_lowrank_dae(x, 2, 2, generator=gen, steps=100, n_init=3)
     assert subspace_distance(sc, U) < 1e-6 and subspace_distance(dae, U) < 0.05
     assert subspace_distance(dae, sc) < 0.05
     assert labels.shape == (60,)
