@@ -15,8 +15,10 @@ weights): see :data:`REPOS`.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import warnings
 
 import torch
 
@@ -97,6 +99,14 @@ def _dtype(dtype, device: str) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Silence the FutureWarning newer diffusers raise for ``torch_dtype`` (kept: older releases lack ``dtype``)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
 def _wrap_os_error(repo_id: str, family: str, err: Exception):
     _fail(repo_id, f"loading failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})", family)
 
@@ -118,8 +128,10 @@ def load_sd(version: str = "1.5", *, repo_id: str | None = None, device: str | N
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device), safety_checker=None,
-                                                       requires_safety_checker=False, local_files_only=local)
+        with _quiet():
+            pipe = StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device),
+                                                           safety_checker=None, requires_safety_checker=False,
+                                                           local_files_only=local)
     except OSError as err:
         _wrap_os_error(repo_id, "sd", err)
     if scheduler == "ddim":
@@ -140,7 +152,8 @@ def load_dit(*, repo_id: str | None = None, device: str | None = None, dtype=Non
     from diffusers import DiTPipeline
 
     try:
-        pipe = DiTPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device), local_files_only=local)
+        with _quiet():
+            pipe = DiTPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device), local_files_only=local)
     except OSError as err:
         _wrap_os_error(repo_id, "dit", err)
     pipe.set_progress_bar_config(disable=True)

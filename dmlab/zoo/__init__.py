@@ -57,9 +57,20 @@ def _load_folder(kind: str, folder: pathlib.Path):
         model.load_state_dict(load_file(str(folder / "model.safetensors")))
         return model.eval()
     if kind == "sd":
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+        dlog.disable_progress_bar()  # no "Loading pipeline components" widgets in the chapters
+        tlog.disable_progress_bar()
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+        finally:
+            if bars[0]:
+                dlog.enable_progress_bar()
+            if bars[1]:
+                tlog.enable_progress_bar()
         pipe.set_progress_bar_config(disable=True)
         return pipe
     from .nets import model_class

@@ -242,7 +242,7 @@ def save_pipeline(parts, tok_dir: pathlib.Path, scale: float, log: dict, folder:
 
 
 @torch.no_grad()
-def generate(pipe, labels, *, generator: torch.Generator, steps: int = 25, guidance: float = 3.0,
+def generate(pipe, labels, *, generator: torch.Generator, steps: int = 25, guidance: float = 2.0,
              template: int = 0, batch_size: int = 100) -> torch.Tensor:
     """Images ``[B, 1, 16, 16]`` in ``[-1, 1]`` from the pipeline for prompts naming ``labels`` (DDIM, CFG)."""
     out = []

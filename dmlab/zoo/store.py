@@ -17,8 +17,6 @@ import hashlib
 import json
 import os
 import pathlib
-import urllib.error
-import urllib.request
 
 from .._meta import BRANCH, REPO
 
@@ -66,6 +64,9 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def _download(url: str, dest: pathlib.Path, timeout: float = 30.0) -> None:
+    import urllib.error
+    import urllib.request
+
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     try:

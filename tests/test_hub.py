@@ -1,0 +1,86 @@
+"""dmlab.hub: one clear error offline / without a GPU; config-built tiny stand-ins through the same code path."""
+import time
+
+import pytest
+import torch
+
+from dmlab import hub
+
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("call", [lambda: hub.load_sd("1.5", device="cpu", require_gpu=False),
+                                  lambda: hub.load_sd("2.1", device="cpu", require_gpu=False),
+                                  lambda: hub.load_dit(device="cpu", require_gpu=False),
+                                  lambda: hub.load_dinov2("small", device="cpu")])
+def test_offline_fails_at_once_with_one_message(call, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub, "_cached", lambda repo_id, filename: False)
+    t0 = time.perf_counter()
+    with pytest.raises(hub.HubUnavailableError, match="HF_HUB_OFFLINE=1.*Colab.*DMLAB_SCALE=full.*tiny scale use"):
+        call()
+    assert time.perf_counter() - t0 < 5  # "at once": no network retries (they take ~23 s)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the no-GPU path")
+def test_without_a_gpu_the_full_models_say_where_to_run():
+    with pytest.raises(hub.HubUnavailableError, match="no GPU is visible.*Colab"):
+        hub.load_sd("1.5")
+    with pytest.raises(hub.HubUnavailableError, match="no GPU is visible"):
+        hub.load_dit()
+    with pytest.raises(hub.HubUnavailableError, match="torch sees no CUDA GPU"):
+        hub.load_dinov2(device="cuda")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="version"):
+        hub.load_sd("3.0", device="cpu", require_gpu=False)
+    with pytest.raises(ValueError, match="size"):
+        hub.load_dinov2("giant")
+    with pytest.raises(TypeError, match="repo_id"):
+        hub.resolve("", family="sd", probe_file="x", device="cpu", require_gpu=False)
+
+
+def test_sd_loader_on_the_tiny_pipeline_folder():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from dmlab.zoo import store
+
+    folder = store.zoo_dir() / "sd_tiny"
+    pipe = hub.load_sd(repo_id=str(folder), device="cpu", require_gpu=False, scheduler="ddim")
+    assert isinstance(pipe, StableDiffusionPipeline) and isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.unet.dtype == torch.float32
+    img = pipe(["a handwritten two"], height=16, width=16, num_inference_steps=2, output_type="pt",
+               generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 1, 16, 16)
+
+
+def test_dit_loader_on_a_config_built_stand_in(tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    tr = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                               num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=1000)
+    vae = AutoencoderKL(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4, norm_num_groups=8)
+    DiTPipeline(transformer=tr, vae=vae, scheduler=DDIMScheduler()).save_pretrained(tmp_path / "dit")
+    pipe = hub.load_dit(repo_id=str(tmp_path / "dit"), device="cpu", require_gpu=False)
+    assert isinstance(pipe, DiTPipeline)
+    img = pipe(class_labels=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert img.shape == (1, 8, 8, 3)
+
+
+def test_dinov2_loader_on_a_config_built_stand_in(tmp_path):
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(tmp_path / "dino")
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "dino")
+    model, proc = hub.load_dinov2(repo_id=str(tmp_path / "dino"), device="cpu")
+    img = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    with torch.no_grad():
+        out = model(**proc(images=img, return_tensors="pt"))
+    assert out.last_hidden_state.shape == (1, 17, 32) and not model.training
