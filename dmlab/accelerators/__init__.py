@@ -6,3 +6,8 @@ from .handle import CallCounter, Handle, count_calls, patch_forward, resolve_mod
 from .diffusers_caches import (apply_diffusers_cache, apply_first_block_cache, apply_mag_cache, apply_pab,
                                apply_taylorseer, calibrate_mag_ratios)
 from .tstitch import TStitch, switch_sigma, tstitch
+from .quantization import QuantConfig, apply_quantization, temporal_cache_bytes
+from .quant_calibration import calibration_set
+from .quest import quest_finetune
+from .pruning import LayerPruneConfig, apply_layer_pruning, distill_pruned, prunable_units, select_units, unit_scores
+from .pruning_masks import apply_masks, learn_masks, sliced_copy, threshold_masks
