@@ -124,7 +124,8 @@ def _check_times(ts: Tensor) -> Tensor:
 @torch.no_grad()
 def sample_mrs(model: Callable, x: Tensor, mu: Tensor, ts: Tensor, *, process: MeanReverting | None = None,
                order: int = 2, stochastic: bool = False, cond: dict | None = None,
-               generator: torch.Generator | None = None, callback: Callable | None = None) -> Tensor:
+               generator: torch.Generator | None = None, callback: Callable | None = None,
+               noise_sampler: Callable | None = None) -> Tensor:
     """MRS (Li et al. 2025): the semi-analytic ODE (orders 1-3) or SDE (orders 1-2) solver of mean-reverting diffusion.
 
     ``x`` is the start at ``ts[0]`` (e.g. ``mu + lam * randn``), ``mu`` the degraded image (the process's mean),
@@ -132,7 +133,7 @@ def sample_mrs(model: Callable, x: Tensor, mu: Tensor, ts: Tensor, *, process: M
     velocity model by the usual conversions). The state becomes ``y = (x - mu) / alpha`` and the times VE sigmas;
     the ODE is DPM-Solver++(k)M (``dmlab.samplers.exponential``), the SDE SDE-DPM-Solver++
     (:func:`~dmlab.samplers.sde.sample_dpmpp_2m_sde`), each on ``y``; then ``x = mu + y`` at ``t = 0``. One NFE per
-    step; the last step returns ``x0_hat``.
+    step; the last step returns ``x0_hat``. ``noise_sampler`` (SDE only) as in :mod:`dmlab.samplers.sde`.
     """
     process = MeanReverting() if process is None else process
     ts = _check_times(ts)
@@ -145,7 +146,7 @@ def sample_mrs(model: Callable, x: Tensor, mu: Tensor, ts: Tensor, *, process: M
     if stochastic:
         from .sde import sample_dpmpp_2m_sde
 
-        y = sample_dpmpp_2m_sde(den, y, sigmas, generator=generator, order=order, **kw)
+        y = sample_dpmpp_2m_sde(den, y, sigmas, generator=generator, order=order, noise_sampler=noise_sampler, **kw)
     else:
         from .exponential import sample_dpm_solver_multistep
 
@@ -156,7 +157,7 @@ def sample_mrs(model: Callable, x: Tensor, mu: Tensor, ts: Tensor, *, process: M
 @torch.no_grad()
 def sample_mr_euler_maruyama(model: Callable, x: Tensor, mu: Tensor, ts: Tensor, *,
                              process: MeanReverting | None = None, cond: dict | None = None,
-                             generator: torch.Generator | None = None) -> Tensor:
+                             generator: torch.Generator | None = None, noise_sampler: Callable | None = None) -> Tensor:
     """The IR-SDE sampler (Luo et al. 2023): Euler-Maruyama in ``t`` on the reverse mean-reverting SDE.
 
     ``dx = [theta (mu - x) - g^2 score] dt + g dW_bar`` with ``g^2 = 2 lam^2 theta`` and the score
@@ -175,5 +176,6 @@ def sample_mr_euler_maruyama(model: Callable, x: Tensor, mu: Tensor, ts: Tensor,
         a, sd = float(process.alpha(t)), float(process.std(t))
         score = -(x - mu - a * (x0 - mu)) / sd ** 2
         dt = float(t - t_next)
-        x = x - (process.theta * (mu - x) - g2 * score) * dt + math.sqrt(g2 * dt) * randn_like(x, generator)
+        z = randn_like(x, generator) if noise_sampler is None else noise_sampler(x)
+        x = x - (process.theta * (mu - x) - g2 * score) * dt + math.sqrt(g2 * dt) * z
     return x
