@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ._plan import Plan, Update, sample_plan
-from .exponential import check_choice, check_order, multistep_orders, need_steps
+from .exponential import check_choice, check_lof, check_order, multistep_orders, need_steps
 
 __all__ = ["sample_deis", "plan_deis", "vp_linear_time"]
 
@@ -69,7 +69,7 @@ def deis_weights(sig_nodes: list, sig_from: float, sig_to: float, v: Callable) -
 
 
 def plan_deis(sigmas: list, *, order: int = 3, variant: str = "logrho", time: Callable | None = None,
-              lower_order_final: bool = True) -> Plan:
+              lower_order_final: bool | str = True) -> Plan:
     """The DEIS multistep plan (see the module docstring): ``x_{i+1} = x_i + sum_j c_ij eps_j``."""
     order = check_order(order)
     check_choice("variant", variant, VARIANTS)
@@ -78,7 +78,7 @@ def plan_deis(sigmas: list, *, order: int = 3, variant: str = "logrho", time: Ca
     n = len(sigmas) - 1
     need_steps(n, order, "DEIS")
     v = _variable(variant, time)
-    orders = multistep_orders(n, order, lower_order_final)
+    orders = multistep_orders(n, order, check_lof(lower_order_final))
     adv = []
     for i, p in enumerate(orders):
         if sigmas[i + 1] == 0:
@@ -92,7 +92,7 @@ def plan_deis(sigmas: list, *, order: int = 3, variant: str = "logrho", time: Ca
 
 def sample_deis(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                 generator: torch.Generator | None = None, callback: Callable | None = None, order: int = 3,
-                variant: str = "logrho", time: Callable | None = None, lower_order_final: bool = True) -> Tensor:
+                variant: str = "logrho", time: Callable | None = None, lower_order_final: bool | str = True) -> Tensor:
     """DEIS (Zhang & Chen 2023): exponential integrator with a polynomial extrapolation of ``eps``; 1 NFE per step.
 
     ``variant``: ``"tab"`` (polynomial in the diffusion time ``t``; ``time(sigma) -> t`` maps sigmas to it, default
@@ -100,4 +100,4 @@ def sample_deis(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
     ``order`` 1-3 (order 1 is DDIM). Needs at least ``order`` steps.
     """
     return sample_plan(plan_deis, denoiser, x, sigmas, cond, generator, callback, order=order,
-                       variant=variant, time=time, lower_order_final=bool(lower_order_final))
+                       variant=variant, time=time, lower_order_final=lower_order_final)

@@ -78,14 +78,29 @@ def need_steps(n: int, order: int, what: str) -> None:
                          f"(e.g. dmlab.schedules.karras({max(order, 5)})) or a lower order")
 
 
-def multistep_orders(n: int, order: int, lower_order_final: bool = True) -> list:
+def check_lof(value):
+    """``lower_order_final`` is True, False or ``"sigma_min"``."""
+    if value not in (True, False, "sigma_min"):
+        raise ValueError(f"lower_order_final must be True, False or 'sigma_min', got {value!r}")
+    return value
+
+
+def multistep_orders(n: int, order: int, lower_order_final=True) -> list:
     """Per-step orders of a multistep solver, as diffusers' ``DPMSolverMultistepScheduler`` chooses them.
 
-    Warm-up ``min(order, i + 1)``; the final step (to ``sigma = 0``) is first order; with ``lower_order_final``
-    and fewer than 15 steps the second-to-last step has order at most 2 (Lu et al. 2022, for stability at few steps).
+    Warm-up ``min(order, i + 1)``; the final step (to ``sigma = 0``) is first order; with ``lower_order_final`` and
+    fewer than 15 steps the second-to-last step has order at most 2 (Lu et al. 2022, for stability at few steps).
+    ``lower_order_final="sigma_min"`` applies diffusers' rule for ``final_sigmas_type="sigma_min"`` to the last
+    *positive* sigma instead: with fewer than 15 steps before it, the step into it is first order and the one before
+    at most second order (use it to compare states at the last positive sigma with such a diffusers scheduler).
     """
     orders = [min(order, i + 1) for i in range(n)]
-    if lower_order_final and n < 15 and n >= 2:
+    if lower_order_final == "sigma_min":
+        if 2 <= n < 16:
+            orders[-2] = 1
+            if n >= 3:
+                orders[-3] = min(orders[-3], 2)
+    elif lower_order_final and n < 15 and n >= 2:
         orders[-2] = min(orders[-2], 2)
     orders[-1] = 1
     return orders
@@ -130,7 +145,7 @@ def plan_ddim(sigmas: list) -> Plan:
 
 def plan_dpm_solver_multistep(sigmas: list, *, order: int = 2, prediction: str = "data",
                               solver_type: str = "midpoint", variant: str = "taylor",
-                              lower_order_final: bool = True, name: str | None = None) -> Plan:
+                              lower_order_final: bool | str = True, name: str | None = None) -> Plan:
     """Multistep DPM-Solver(++) of ``order`` 1-3 (Lu et al. 2022, DPM-Solver++ Alg. 2 and its order-3 extension).
 
     ``prediction="data"`` integrates ``D`` (DPM-Solver++), ``"noise"`` integrates ``eps`` (multistep DPM-Solver).
@@ -144,7 +159,7 @@ def plan_dpm_solver_multistep(sigmas: list, *, order: int = 2, prediction: str =
     n = len(sigmas) - 1
     need_steps(n, order, "multistep DPM-Solver")
     lam = lams(sigmas)
-    orders = multistep_orders(n, order, bool(lower_order_final))
+    orders = multistep_orders(n, order, check_lof(lower_order_final))
     m = "d" if prediction == "data" else "e"
     w2_scale = 2.0 if variant == "taylor" else 1.0
     adv = []
@@ -239,7 +254,7 @@ def sample_ddim(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
 def sample_dpm_solver_multistep(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                                 generator: torch.Generator | None = None, callback: Callable | None = None,
                                 order: int = 2, prediction: str = "data", solver_type: str = "midpoint",
-                                variant: str = "taylor", lower_order_final: bool = True) -> Tensor:
+                                variant: str = "taylor", lower_order_final: bool | str = True) -> Tensor:
     """Multistep DPM-Solver(++) (Lu et al. 2022): one NFE per step, order ``order`` after a low-order warm-up.
 
     See :func:`plan_dpm_solver_multistep` for the options; :func:`sample_dpmpp_2m` and :func:`sample_dpmpp_3m`
@@ -247,12 +262,12 @@ def sample_dpm_solver_multistep(denoiser: Callable, x: Tensor, sigmas: Tensor, *
     """
     return sample_plan(plan_dpm_solver_multistep, denoiser, x, sigmas, cond, generator, callback,
                        order=order, prediction=prediction, solver_type=solver_type, variant=variant,
-                       lower_order_final=bool(lower_order_final))
+                       lower_order_final=lower_order_final)
 
 
 def sample_dpmpp_2m(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                     generator: torch.Generator | None = None, callback: Callable | None = None,
-                    solver_type: str = "midpoint", lower_order_final: bool = True) -> Tensor:
+                    solver_type: str = "midpoint", lower_order_final: bool | str = True) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): ``x_t = e^{-h} x - (e^{-h} - 1)(D_i + (D_i - D_{i-1}) / (2 r))``.
 
     ``r = h_{i-1} / h_i``; the first step is DDIM and the last returns ``D(x, sigma_last)``. Second order, one NFE
@@ -264,7 +279,7 @@ def sample_dpmpp_2m(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict
 
 def sample_dpmpp_3m(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                     generator: torch.Generator | None = None, callback: Callable | None = None,
-                    variant: str = "taylor", lower_order_final: bool = True) -> Tensor:
+                    variant: str = "taylor", lower_order_final: bool | str = True) -> Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022): third-order multistep with data prediction, one NFE per step.
 
     ``variant="taylor"`` (default) weights the second difference ``D2`` by ``2 phi_3`` (order 3, measured);

@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import schedules
 from ._plan import Plan, Update, sample_plan
 
-__all__ = ["SolverSpec", "sample_spec", "state_error", "search_solver", "baseline_specs"]
+__all__ = ["SolverSpec", "sample_spec", "state_error", "search_solver", "baseline_specs", "time_uniform"]
 
 PREDICTIONS = ("data", "noise")
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
@@ -135,10 +135,28 @@ def sample_spec(denoiser: Callable, x: Tensor, sigmas: Tensor | None = None, *, 
 
 
 # ----------------------------------------------------------------------------------------------- objective
-def _warped(nfe: int, sigma_min: float, sigma_max: float, rho: float, offsets) -> list:
-    """Karras-``rho`` grid of ``nfe`` evaluation sigmas with interior points shifted by ``offsets`` (in units of
-    the local log-sigma spacing, kept strictly decreasing), then 0."""
-    base = schedules.karras(nfe, sigma_min, sigma_max, rho).tolist()[:-1]
+def time_uniform(n: int, sigma_min: float, sigma_max: float, power: float = 1.0) -> Tensor:
+    """``n`` sigmas uniform in the DDPM training index (diffusers' default ``linspace`` grid) from ``sigma_max`` to
+    ``sigma_min``, warped by ``power`` (``t_k = t_hi + (t_lo - t_hi)(k/(n-1))^power``; 1 = uniform), then 0.
+
+    The index is that of the default DDPM betas (linear, 1e-4 to 0.02, 1000 steps), fractional between grid points.
+    """
+    train = schedules.train_sigmas()
+    t_hi, t_lo = (float(v) for v in schedules.sigma_to_index(torch.tensor([sigma_max, sigma_min]), train))
+    k = torch.linspace(0, 1, n, dtype=torch.float64) ** power
+    sig = schedules.index_to_sigma(t_hi + (t_lo - t_hi) * k, train)
+    sig[0], sig[-1] = sigma_max, sigma_min
+    return schedules.append_zero(sig)
+
+
+def _warped(nfe: int, sigma_min: float, sigma_max: float, rho: float, offsets, family: str = "karras") -> list:
+    """``nfe`` evaluation sigmas of a grid family (``"karras"`` with ``rho``, or ``"time"``: :func:`time_uniform`
+    with ``power = rho``) with interior points shifted by ``offsets`` (in units of the local log-sigma spacing,
+    kept strictly decreasing), then 0."""
+    if family == "karras":
+        base = schedules.karras(nfe, sigma_min, sigma_max, rho).tolist()[:-1]
+    else:
+        base = time_uniform(nfe, sigma_min, sigma_max, rho).tolist()[:-1]
     ls = np.log(base)
     for k, o in enumerate(offsets, start=1):
         gap = (ls[k - 1] - ls[k + 1]) / 2 if k + 1 < nfe else 0.0
@@ -174,13 +192,14 @@ def baseline_specs(nfe: int, sigma_min: float, sigma_max: float) -> dict:
 
 
 def search_solver(denoiser: Callable, x_search: Tensor, *, nfe: int, sigma_min: float, sigma_max: float,
-                  reference: Tensor | None = None, n_candidates: int = 200, population: int = 12, seed: int = 0,
+                  reference: Tensor | None = None, n_candidates: int = 200, population: int = 16, seed: int = 0,
                   name: str | None = None, path=None) -> tuple[SolverSpec, float]:
     """Search the unified space for the solver with the smallest :func:`state_error` at ``nfe`` evaluations.
 
-    The schedule goes from ``sigma_max`` to ``sigma_min`` (both fixed, then 0); searched: Karras ``rho`` in
-    ``[1, 12]``, per-point shifts of the interior sigmas, per-step order (1-3), prediction type and corrector.
-    Elitist evolution: the baselines of :func:`baseline_specs` seed a population of ``population``; each of the
+    The schedule goes from ``sigma_max`` to ``sigma_min`` (both fixed, then 0); searched: the grid family (Karras
+    with ``rho`` in ``[1, 12]``, or uniform in DDPM time warped by a power in ``[0.4, 2.5]``), per-point shifts of the interior sigmas, per-step order (1-3), prediction type and corrector.
+    Elitist evolution: baselines (DDIM, 2M, 3M, order 2-3 with corrector, diffusers-like lower final orders, on both
+    grid families) seed a population of ``population``; each of the
     ``n_candidates`` children mutates one or two choices of a random parent. ``reference`` is the exact ODE state at
     ``sigma_min`` from ``x_search`` (computed with :func:`dmlab.exact.reference_ode` if None). The best spec is
     returned (and saved to ``path`` as JSON) with its search error; evaluate it on fresh starting points.
@@ -197,8 +216,8 @@ def search_solver(denoiser: Callable, x_search: Tensor, *, nfe: int, sigma_min: 
     n = nfe + 1
 
     def build(g) -> SolverSpec:
-        return SolverSpec(_warped(n, sigma_min, sigma_max, g["rho"], g["off"]), g["ord"], g["pred"], g["cor"],
-                          name or f"searched_nfe{nfe}")
+        return SolverSpec(_warped(n, sigma_min, sigma_max, g["rho"], g["off"], g["fam"]), g["ord"], g["pred"],
+                          g["cor"], name or f"searched_nfe{nfe}")
 
     def score(g) -> float:
         try:
@@ -208,22 +227,35 @@ def search_solver(denoiser: Callable, x_search: Tensor, *, nfe: int, sigma_min: 
             return math.inf
         return e if math.isfinite(e) else math.inf
 
-    def genome(o, c, rho=7.0):
-        return {"rho": rho, "off": [0.0] * (n - 2), "ord": (o,) * n, "pred": ("data",) * n, "cor": (c,) * n}
+    def genome(o, c, rho=7.0, fam="karras"):
+        return {"fam": fam, "rho": rho, "off": [0.0] * (n - 2), "ord": (o,) * n, "pred": ("data",) * n,
+                "cor": (c,) * n}
+
+    from .exponential import multistep_orders
 
     pop = [genome(1, False), genome(2, False), genome(3, False), genome(2, True), genome(3, True),
-           genome(2, False, 3.0), genome(2, True, 3.0)]
+           genome(2, False, 1.0, "time"), genome(2, True, 1.0, "time"), genome(3, False, 1.0, "time")]
+    for o in (2, 3):  # diffusers-like: lower orders into the last positive sigma, on both grid families
+        for fam, p in (("time", 1.0), ("karras", 7.0)):
+            g = genome(o, False, p, fam)
+            g["ord"] = tuple(multistep_orders(n, o, "sigma_min"))
+            pop.append(g)
     while len(pop) < population:
-        pop.append(genome(rng.choice([1, 2, 3]), rng.random() < 0.5, rng.uniform(1.0, 12.0)))
+        fam = rng.choice(["karras", "time"])
+        pop.append(genome(rng.choice([1, 2, 3]), rng.random() < 0.5,
+                          rng.uniform(1.0, 12.0) if fam == "karras" else rng.uniform(0.5, 2.0), fam))
     scored = sorted(((score(g), k, g) for k, g in enumerate(pop)), key=lambda t: t[:2])[:population]
 
     def mutate(g):
         g = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in g.items()}
         for _ in range(rng.choice([1, 1, 2])):
-            what = rng.choice(["rho", "off", "ord", "pred", "cor"])
+            what = rng.choice(["rho", "off", "ord", "pred", "cor", "fam"])
             i = rng.randrange(n)
-            if what == "rho":
-                g["rho"] = float(np.clip(g["rho"] * math.exp(rng.gauss(0, 0.3)), 1.0, 12.0))
+            if what == "fam":
+                g["fam"], g["rho"] = ("time", 1.0) if g["fam"] == "karras" else ("karras", 7.0)
+            elif what == "rho":
+                lim = (1.0, 12.0) if g["fam"] == "karras" else (0.4, 2.5)
+                g["rho"] = float(np.clip(g["rho"] * math.exp(rng.gauss(0, 0.3)), *lim))
             elif what == "off" and g["off"]:
                 k = rng.randrange(len(g["off"]))
                 g["off"][k] = float(np.clip(g["off"][k] + rng.gauss(0, 0.15), -0.45, 0.45))

@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from ._common import call, prepare, randn_like, report
-from .exponential import check_order, lams, need_steps
+from .exponential import check_lof, check_order, lams, need_steps
+from .unipc import unipc_orders
 
 __all__ = ["Statistics", "estimate_statistics", "sample_dpm_solver_v3"]
 
@@ -246,7 +247,7 @@ def _derivatives(lam_nodes: list, g: list, order: int) -> list:
 def sample_dpm_solver_v3(denoiser: Callable, x: Tensor, sigmas: Tensor, *, statistics: Statistics,
                          cond: dict | None = None, generator: torch.Generator | None = None,
                          callback: Callable | None = None, order: int = 3, corrector: bool = True,
-                         lower_order_final: bool = True) -> Tensor:
+                         lower_order_final: bool | str = True) -> Tensor:
     """DPM-Solver-v3 (Zheng et al. 2023): multistep predictor(-corrector) on empirical model statistics, 1 NFE/step.
 
     ``statistics`` from :func:`estimate_statistics` (or :meth:`Statistics.trivial`: then it is DPM-Solver++).
@@ -269,8 +270,7 @@ def sample_dpm_solver_v3(denoiser: Callable, x: Tensor, sigmas: Tensor, *, stati
     lam = lams(slist)
     J = _Integrals(statistics, [v for v in lam if math.isfinite(v)], shape)
     idx = [J.index[v] for v in lam[:n]]
-    orders = [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
-    orders[-1] = 1
+    orders = unipc_orders(n, order, check_lof(lower_order_final))
     cast = lambda t: t.to(device=x.device, dtype=x.dtype)  # noqa: E731
     L, S, B, I, C = J.L, J.S, J.B, J.I, J.C
     xs, fs = {}, {}

@@ -211,3 +211,26 @@ def test_adapter_validates(unet):
         sch.step(torch.zeros(1, 1, 8, 8), 999, torch.zeros(1, 1, 8, 8))
     with pytest.raises(ValueError, match="at least 3 steps"):
         sch.set_timesteps(2)
+
+
+@pytest.mark.parametrize("cls_name, cfg, solver, kw", [
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}, samplers.sample_dpmpp_3m, {"variant": "diffusers"}),
+    ("UniPCMultistepScheduler", {"solver_order": 3}, samplers.sample_unipc, {"order": 3}),
+    ("DEISMultistepScheduler", {"solver_order": 3}, samplers.sample_deis, {"order": 3}),
+], ids=["dpmpp_3m", "unipc_3", "deis_3"])
+def test_sigma_min_rule_on_an_exact_denoiser(smooth_gmm, cls_name, cfg, solver, kw):
+    """lower_order_final="sigma_min" reproduces a diffusers scheduler that ends at sigma_min (N < 15) driven by an
+    exact denoiser, compared as states at sigma_min (dmlab.samplers.compare)."""
+    from dmlab.samplers.compare import diffusers_state_at_end, make_scheduler, state_at_end
+
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref, s0, s1 = diffusers_state_at_end(cls_name, cfg, smooth_gmm, noise, 10)
+    sch = make_scheduler(cls_name, **cfg, final_sigmas_type="sigma_min") if cls_name != "DEISMultistepScheduler" \
+        else make_scheduler(cls_name, **cfg)
+    sch.set_timesteps(10)
+    s = torch.cat([sch.sigmas.double(), torch.zeros(1, dtype=torch.float64)])
+    assert float(s[0]) == pytest.approx(s0) and float(s[-2]) == pytest.approx(s1)
+    ours = state_at_end(solver, smooth_gmm, noise * (1 + s[0] ** 2).sqrt(), s, lower_order_final="sigma_min", **kw)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    other = state_at_end(solver, smooth_gmm, noise * (1 + s[0] ** 2).sqrt(), s, **kw)
+    assert (other - ref).abs().max() > 1e-3  # the default rule lowers a different step

@@ -123,6 +123,12 @@ def test_step_orders_follow_diffusers_rules():
     assert exponential.singlestep_orders(10, 3) == [1, 2, 3, 1, 2, 3, 1, 2, 3, 1]
     assert exponential.singlestep_orders(9, 3) == [1, 2, 3, 1, 2, 3, 1, 2, 1]
     assert exponential.singlestep_orders(8, 2) == [1, 2, 1, 2, 1, 2, 1, 1]
+    # "sigma_min": diffusers' final_sigmas_type="sigma_min" rule applied to the last positive sigma
+    assert exponential.multistep_orders(11, 3, "sigma_min") == [1, 2, 3, 3, 3, 3, 3, 3, 2, 1, 1]
+    assert exponential.multistep_orders(20, 3, "sigma_min")[-3:] == [3, 3, 1]
+    assert unipc.unipc_orders(6, 3, "sigma_min") == [1, 2, 3, 2, 1, 1]
+    with pytest.raises(ValueError, match="lower_order_final must be"):
+        exponential.check_lof("zero")
     plan = unipc.plan_unipc(schedules.karras(6).tolist(), order=3)
     assert plan.orders == (1, 2, 3, 3, 2, 1) and plan.correct[0] is None and plan.correct[5] is not None
 

@@ -1,0 +1,244 @@
+"""Solvers side by side: dmlab against diffusers' schedulers on exact denoisers, and their per-step overhead.
+
+Used by ``benchmarks/samplers.py`` and chapters 03 and 05.
+
+* :func:`state_at_end` - the state a solver reaches at its last positive sigma (the input of the denoiser's last
+  call), the quantity compared against :func:`dmlab.exact.reference_ode`; its NFE excludes that last call.
+* :func:`diffusers_state_at_end` - the same for a diffusers scheduler driven by an exact denoiser, evaluated at the
+  *scheduler's own* sigma of each step (its timesteps may be rounded; its solver math uses the unrounded sigma,
+  so that is the fair reading, planning notes §5), ending at ``sigma_min`` (``final_sigmas_type="sigma_min"``).
+* :data:`DIFFUSERS_CONFIGS` - the diffusers configurations tried; :func:`overhead_table` - per-step time of each
+  dmlab solver against the diffusers scheduler of the same algorithm (interleaved pairs, median, one thread).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import schedules
+
+__all__ = ["state_at_end", "diffusers_state_at_end", "DIFFUSERS_CONFIGS", "OVERHEAD_PAIRS", "overhead_table",
+           "rmse", "References", "dmlab_candidates", "accuracy_table", "make_scheduler"]
+
+# (label, diffusers class, config): candidates for "the best diffusers scheduler" at a given NFE
+DIFFUSERS_CONFIGS = [
+    ("DDIM", "DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}),
+    ("DPM++2M", "DPMSolverMultistepScheduler", {}),
+    ("DPM++2M karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("DPM++3M", "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    ("DPM++3M karras", "DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+    ("DPM-Solver-3 singlestep", "DPMSolverSinglestepScheduler", {"solver_order": 3}),
+    ("UniPC-2 bh2", "UniPCMultistepScheduler", {}),
+    ("UniPC-2 bh2 karras", "UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    ("UniPC-3 bh1", "UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1"}),
+    ("UniPC-3 bh2 karras", "UniPCMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+    ("DEIS-3", "DEISMultistepScheduler", {"solver_order": 3}),
+    ("DEIS-3 karras", "DEISMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
+]
+
+
+def rmse(a: Tensor, b: Tensor) -> float:
+    """Root-mean-square difference over all elements."""
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+def state_at_end(sampler: Callable, denoiser: Callable, x: Tensor, sigmas: Tensor, **kw) -> Tensor:
+    """Run ``sampler(denoiser, x, sigmas, **kw)`` and return the input of the denoiser's last call (see module doc)."""
+    last = {}
+
+    def rec(xx, sigma, **cond):
+        last["x"] = xx
+        return denoiser(xx, sigma, **cond)
+
+    sampler(rec, x, sigmas, **kw)
+    return last["x"]
+
+
+def make_scheduler(cls_name: str, **cfg):
+    """``diffusers.<cls_name>(**cfg)`` with its config warnings silenced."""
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(diffusers, cls_name)(**cfg)
+
+
+def diffusers_state_at_end(cls_name: str, config: dict, denoiser: Callable, noise: Tensor, nfe: int,
+                           **base) -> tuple[Tensor, float, float]:
+    """Drive a diffusers scheduler with an exact denoiser for ``nfe`` model calls from ``x_vp = noise``.
+
+    Returns ``(VE state at the end, sigma at the start, sigma at the end)``. ``base`` holds the beta schedule
+    (diffusers' DDPM defaults otherwise); ``final_sigmas_type="sigma_min"`` is set where the class has it.
+    """
+    sch = make_scheduler(cls_name, **base, **config)
+    if "final_sigmas_type" in sch.config:
+        sch = make_scheduler(cls_name, **base, **config, final_sigmas_type="sigma_min")
+    sch.set_timesteps(nfe)
+    ac = sch.alphas_cumprod.double()
+    train = ((1 - ac) / ac).sqrt()
+
+    def sigma_now(t) -> float:
+        if getattr(sch, "sigmas", None) is not None and getattr(sch, "step_index", None) is not None:
+            return float(sch.sigmas[sch.step_index])
+        if getattr(sch, "sigmas", None) is not None:
+            return float(sch.sigmas[0])
+        return float(train[int(t)])  # DDIM: the training sigma of its integer timestep
+
+    x = noise.to(torch.float32) * sch.init_noise_sigma
+    for t in sch.timesteps:
+        s = sigma_now(t)
+        x_ve = x.double() * math.sqrt(1 + s ** 2)
+        eps = (x_ve - denoiser(x_ve, torch.full((x.shape[0],), s, dtype=torch.float64))) / s
+        x = sch.step(eps.float(), t, x).prev_sample
+    if cls_name == "DDIMScheduler":
+        t_last = int(sch.timesteps[-1]) - sch.config.num_train_timesteps // nfe
+        s_end = float(train[t_last]) if t_last >= 0 else (0.0 if sch.config.set_alpha_to_one else float(train[0]))
+    else:
+        s_end = float(sch.sigmas[-1])
+    s_start = float(sch.sigmas[0]) if getattr(sch, "sigmas", None) is not None else float(train[int(sch.timesteps[0])])
+    return x.double() * math.sqrt(1 + s_end ** 2), s_start, s_end
+
+
+# ----------------------------------------------------------------------------------------------- overhead
+def _dmlab_solvers() -> dict:
+    from . import sample_ddim, sample_deis, sample_dpm_solver, sample_dpmpp_2m, sample_dpmpp_3m, sample_euler
+    from . import sample_heun, sample_unipc
+
+    return {"ddim": (sample_ddim, {}), "dpmpp_2m": (sample_dpmpp_2m, {}),
+            "dpmpp_3m": (sample_dpmpp_3m, {"variant": "diffusers"}),
+            "dpm_solver_3s": (sample_dpm_solver, {"order": 3, "prediction": "data"}),
+            "unipc": (sample_unipc, {}), "deis": (sample_deis, {"order": 3}), "euler": (sample_euler, {}),
+            "heun": (sample_heun, {})}
+
+
+# (algorithm, dmlab solver key, diffusers class, config)
+OVERHEAD_PAIRS = [
+    ("DDIM", "ddim", "DDIMScheduler", {"clip_sample": False}),
+    ("DPM-Solver++(2M)", "dpmpp_2m", "DPMSolverMultistepScheduler", {}),
+    ("DPM-Solver++(3M)", "dpmpp_3m", "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    ("DPM-Solver-3 singlestep", "dpm_solver_3s", "DPMSolverSinglestepScheduler", {"solver_order": 3}),
+    ("UniPC-2 bh2", "unipc", "UniPCMultistepScheduler", {}),
+    ("DEIS-3", "deis", "DEISMultistepScheduler", {"solver_order": 3}),
+    ("Euler", "euler", "EulerDiscreteScheduler", {}),
+    ("Heun", "heun", "HeunDiscreteScheduler", {}),
+]
+
+
+def overhead_table(n_steps: int = 20, shape: tuple = (16, 1, 8, 8), pairs: int = 7, pairs_list=None):
+    """Per-step solver overhead, dmlab vs diffusers, with a model that costs nothing (a fixed output tensor).
+
+    Both sides include their schedule construction (diffusers' ``set_timesteps``, dmlab's sigma grid and plan)
+    divided over the steps; Heun's time is per model call. Returns a :class:`dmlab.bench.Table` with columns
+    ``diffusers_ms``, ``dmlab_ms`` (per step, medians) and ``ratio`` (median of the interleaved per-pair ratios
+    dmlab / diffusers, with its range). One intra-op thread (CONVENTIONS §8).
+    """
+    from ..bench import Table, time_pair
+
+    solvers = _dmlab_solvers()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(shape, generator=gen)
+    out = 0.1 * torch.randn(shape, generator=gen)
+    table = Table(f"Per-step overhead, {'x'.join(map(str, shape))} tensor, {n_steps} steps, model cost 0",
+                  ["diffusers_ms", "dmlab_ms", "ratio", "ratio_lo", "ratio_hi"])
+    for label, key, cls_name, cfg in (pairs_list or OVERHEAD_PAIRS):
+        sch = make_scheduler(cls_name, **cfg)
+        fn, kw = solvers[key]
+
+        def run_diffusers():
+            sch.set_timesteps(n_steps)
+            x = x0 * sch.init_noise_sigma
+            for t in sch.timesteps:
+                x = sch.step(out, t, sch.scale_model_input(x, t)).prev_sample
+            return x
+
+        def run_dmlab():
+            s = schedules.karras(n_steps, 0.01, 80.0, dtype=torch.float32)
+            return fn(lambda x, sigma: out, x0, s, **kw)
+
+        calls = 2 * n_steps - 1 if key == "heun" else n_steps
+        t = time_pair(run_diffusers, run_dmlab, pairs=pairs, warmup=1, threads=1)
+        table.add(label, diffusers_ms=1e3 * t.baseline_s / calls, dmlab_ms=1e3 * t.method_s / calls,
+                  ratio=1 / t.speedup, ratio_lo=1 / t.hi, ratio_hi=1 / t.lo)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------- accuracy
+class References:
+    """Exact ODE states (:func:`dmlab.exact.reference_ode`) from ``x = noise * sqrt(1 + s0^2)`` at ``s0`` to ``s1``,
+    cached by ``(s0, s1)``: the VP start ``x_vp = noise`` of a diffusers pipeline, seen in the VE convention."""
+
+    def __init__(self, denoiser: Callable, noise: Tensor, *, rtol: float = 1e-10):
+        self.denoiser, self.noise, self.cache, self.rtol = denoiser, noise.double(), {}, rtol
+
+    def start(self, s0: float) -> Tensor:
+        return self.noise * math.sqrt(1 + s0 ** 2)
+
+    def __call__(self, s0: float, s1: float) -> Tensor:
+        key = (round(s0, 10), round(s1, 10))
+        if key not in self.cache:
+            from ..exact import reference_ode
+
+            self.cache[key] = reference_ode(self.denoiser, self.start(s0), torch.tensor([s0, s1], dtype=torch.float64),
+                                            rtol=self.rtol, atol=self.rtol)
+        return self.cache[key]
+
+
+def dmlab_candidates(stats=None, spec=None) -> dict:
+    """``{label: (sampler, options)}``: the dmlab solvers tried for "the best dmlab solver" (v3 needs ``stats``;
+    a searched :class:`~dmlab.samplers.search.SolverSpec` of the right NFE may be given as ``spec``). They run with
+    ``lower_order_final="sigma_min"``: the states are compared at the last positive sigma, as diffusers'
+    ``final_sigmas_type="sigma_min"`` schedulers are."""
+    from . import (sample_deis, sample_dpm_solver, sample_dpmpp_2m, sample_dpmpp_3m, sample_spec, sample_unipc)
+    from .v3 import sample_dpm_solver_v3
+
+    lof = {"lower_order_final": "sigma_min"}  # diffusers' rule for a schedule that ends at sigma_min
+    c = {"DPM++2M": (sample_dpmpp_2m, lof), "DPM++3M taylor": (sample_dpmpp_3m, lof),
+         "DPM++3M diffusers": (sample_dpmpp_3m, {"variant": "diffusers", **lof}),
+         "DPM-Solver-3 singlestep": (sample_dpm_solver, {"order": 3}),
+         "UniPC-2 bh2": (sample_unipc, lof), "UniPC-3 bh2": (sample_unipc, {"order": 3, **lof}),
+         "UniPC-3 bh1": (sample_unipc, {"order": 3, "solver_type": "bh1", **lof}),
+         "DEIS-3 tAB": (sample_deis, {"variant": "tab", **lof}), "DEIS-3 rhoAB": (sample_deis, {"variant": "rhoab", **lof}),
+         "DEIS-3 logrho": (sample_deis, {"variant": "logrho", **lof})}
+    if stats is not None:
+        c["DPM-Solver-v3 (3, corrector)"] = (sample_dpm_solver_v3, {"statistics": stats, "order": 3, **lof})
+        c["DPM-Solver-v3 (2, corrector)"] = (sample_dpm_solver_v3, {"statistics": stats, "order": 2, **lof})
+    if spec is not None:
+        c["searched (USF)"] = (lambda d, x, s, **kw: sample_spec(d, x, spec=spec), {})
+    return c
+
+
+def accuracy_table(denoiser: Callable, noise: Tensor, nfe: int, *, sigma_min: float, sigma_max: float,
+                   schedules_: dict | None = None, stats=None, spec=None, diffusers: bool = True,
+                   refs: References | None = None):
+    """RMS error of the state at ``sigma_min`` after ``nfe`` evaluations, every candidate from the same noise.
+
+    dmlab solvers run on each grid of ``schedules_`` (``{label: fn(n) -> sigmas}``; default uniform in DDPM time
+    (diffusers' default grid), Karras rho = 7 and log-uniform) from ``sigma_max``; a searched ``spec`` runs on its own grid. diffusers schedulers run on their own
+    grids (from their configs, on the DDPM-default betas, whose training sigmas span ``[0.01, 157.4]``), each against
+    the exact ODE from its own start to its own end. Returns a :class:`dmlab.bench.Table` (``library``, ``error``).
+    """
+    from ..bench import Table
+
+    refs = refs or References(denoiser, noise)
+    from .search import time_uniform
+
+    grids = schedules_ or {"time-uniform": lambda n: time_uniform(n, sigma_min, sigma_max),
+                           "karras": lambda n: schedules.karras(n, sigma_min, sigma_max),
+                           "log-uniform": lambda n: schedules.log_uniform(n, sigma_min, sigma_max)}
+    table = Table(f"Error of the state at sigma_min after NFE = {nfe}", ["library", "grid", "sigma_end", "error"])
+    ref = refs(sigma_max, sigma_min)
+    for label, (fn, kw) in dmlab_candidates(stats, spec).items():
+        for gname, grid in ({"own": None} if label.startswith("searched") else grids).items():
+            s = torch.tensor(spec.sigmas) if grid is None else grid(nfe + 1)
+            x_end = state_at_end(fn, denoiser, refs.start(float(s[0])), s, **kw)
+            table.add(f"{label} [{gname}]", library="dmlab", grid=gname, sigma_end=float(s[-2]),
+                      error=rmse(x_end, refs(float(s[0]), float(s[-2]))))
+    if diffusers:
+        for label, cls_name, cfg in DIFFUSERS_CONFIGS:
+            x_end, s0, s1 = diffusers_state_at_end(cls_name, cfg, denoiser, refs.noise, nfe)
+            table.add(label, library="diffusers", grid="own", sigma_end=s1, error=rmse(x_end, refs(s0, s1)))
+    return table
