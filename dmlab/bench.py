@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Timing", "time_pair", "num_threads", "count_flops", "flop_ratio", "macs", "psnr", "matched_steps",
+__all__ = ["Timing", "time_pair", "num_threads", "count_flops", "FlopAccountant", "flop_ratio", "macs", "psnr", "matched_steps",
            "Table", "format_table"]
 
 
@@ -120,6 +120,120 @@ def _cpu_sdpa_mapping() -> dict:
         return fcm.sdpa_flop_count(query_shape, key_shape, value_shape)
 
     return {op: cpu_sdpa}
+
+
+class FlopAccountant:
+    """Exact FLOPs of many runs of fixed networks for the price of one profiled call per network.
+
+    Counting a whole sampling run under ``FlopCounterMode`` sends every op through Python and costs several times the
+    run. Instead, :meth:`profile` runs a few calls once under :func:`count_flops`'s formulas and charges each op to the
+    innermost module running it (its *exclusive* FLOPs, per sample); inside :meth:`counting`, thin wrappers around
+    every module's own forward count how often each module **really computes** and on how many samples. The total is
+    ``sum(exclusive FLOPs per sample x samples)`` over those executions, which equals ``count_flops`` of the same run
+    whenever each module does the same work per sample in every call (fixed shapes). Modules served from a cache never
+    reach their own forward and cost nothing, which is how caching accelerators are credited.
+
+    Enter :meth:`counting` **before** applying accelerators (its wrappers must be the innermost); ops outside every
+    module are not seen (``profile`` raises if any carry FLOPs).
+    """
+
+    def __init__(self, *models):
+        from torch import nn
+
+        if not models or not all(isinstance(m, nn.Module) for m in models):
+            raise TypeError("FlopAccountant needs the networks (nn.Module) whose FLOPs it accounts")
+        self.models = models
+        self.per_sample: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+        self.total = 0.0
+        self._stack: list[int] = []
+        self._batch: list[int] = []
+        self._mode = None  # "profile" | "count"
+        self._seen: dict[int, int] = {}
+        self._excl: dict[int, float] = {}
+
+    def _wrap(self, key: int, root: bool):
+        def wrap(call_next, *args, **kwargs):
+            if self._mode is None:
+                return call_next(*args, **kwargs)
+            if root:
+                x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.ndim), None)
+                self._batch.append(int(x.shape[0]) if x is not None else 1)
+            self._stack.append(key)
+            try:
+                if self._mode == "profile":
+                    self._seen[key] = self._seen.get(key, 0) + self._batch[-1]
+                elif key in self.per_sample:
+                    self.total += self.per_sample[key] * self._batch[-1]
+                else:
+                    raise RuntimeError(f"FlopAccountant: module {self.names[key]!r} computed but was never profiled; "
+                                       f"profile with a call that runs it (or use count_flops)")
+                return call_next(*args, **kwargs)
+            finally:
+                self._stack.pop()
+                if root:
+                    self._batch.pop()
+        return wrap
+
+    @contextlib.contextmanager
+    def _installed(self, mode: str):
+        from .accelerators.handle import Handle, patch_forward
+
+        h = Handle("flop_accountant")
+        try:
+            for m in self.models:
+                for name, mod in m.named_modules():
+                    self.names[id(mod)] = f"{type(m).__name__}.{name}" if name else type(m).__name__
+                    patch_forward(mod, self._wrap(id(mod), name == ""), h)
+            self._mode = mode
+            yield self
+        finally:
+            self._mode = None
+            h.remove()
+
+    def profile(self, *calls: Callable[[], Any]) -> "FlopAccountant":
+        """Run each zero-argument call once and record every module's exclusive FLOPs per sample."""
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+        table = {**flop_registry, **{k: shape_wrapper(v) for k, v in _cpu_sdpa_mapping().items()}}
+        acct = self
+
+        class _Charge(TorchDispatchMode):
+            outside = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                f = table.get(func._overloadpacket)
+                if f is not None:
+                    n = int(f(*args, **kwargs, out_val=out))
+                    if acct._stack:
+                        acct._excl[acct._stack[-1]] = acct._excl.get(acct._stack[-1], 0) + n
+                    else:
+                        self.outside += n
+                return out
+
+        self._seen, self._excl = {}, {}
+        mode = _Charge()
+        with self._installed("profile"), mode:
+            for c in calls:
+                c()
+        if mode.outside:
+            raise RuntimeError(f"{mode.outside} FLOPs ran outside the networks {[type(m).__name__ for m in self.models]}; "
+                               f"add the module that runs them or use count_flops")
+        for k, samples in self._seen.items():
+            self.per_sample[k] = self._excl.get(k, 0) / samples
+        return self
+
+    @contextlib.contextmanager
+    def counting(self):
+        """``with acct.counting() as c: run()`` then ``c.total``: FLOPs of the run (reset on entry)."""
+        if not self.per_sample:
+            raise RuntimeError("call profile(...) first: it measures each module's FLOPs once")
+        self.total = 0.0
+        with self._installed("count"):
+            yield self
 
 
 def flop_ratio(baseline: Callable[[], Any], method: Callable[[], Any]) -> float:

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..denoisers import switch_at_sigma
 from ..schedules import check_schedule
 
-__all__ = ["TStitch", "tstitch", "switch_sigma"]
+__all__ = ["TStitch", "tstitch", "switch_sigma", "denoising_error"]
 
 
 def switch_sigma(sigmas: Tensor, n_first: int) -> float:
@@ -76,3 +76,23 @@ class TStitch:
 def tstitch(small: Callable, large: Callable, sigmas: Tensor, fraction: float = 0.4, *, first: str = "small") -> TStitch:
     """T-Stitch (Pan et al. 2025): see :class:`TStitch`. ``fraction=0.4`` is the paper's DiT-S -> DiT-XL headline."""
     return TStitch(small, large, sigmas, fraction, first=first)
+
+
+def denoising_error(denoiser: Callable, x0: Tensor, sigmas: Tensor, *, generator, cond: dict | None = None) -> Tensor:
+    """Mean squared error of ``denoiser(x0 + sigma * eps, sigma)`` against ``x0`` at each sigma (``[len(sigmas)]``,
+    float64), with one ``eps`` per sigma drawn from ``generator``.
+
+    T-Stitch's premise (Pan et al. 2025, Sec. 3): at high noise a small model's estimate is about as good as a
+    large one's, so where the two curves meet the small model can take over.
+    """
+    import torch
+
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
+    out = []
+    with torch.no_grad():
+        for s in torch.as_tensor(sigmas, dtype=torch.float64).tolist():
+            eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+            d = denoiser(x0 + s * eps, torch.full((x0.shape[0],), s, dtype=x0.dtype), **(cond or {}))
+            out.append(float((d.double() - x0.double()).pow(2).mean()))
+    return torch.tensor(out, dtype=torch.float64)

@@ -267,3 +267,32 @@ def test_module_sets_and_granularity(tiny_unet):
         for t in range(8):
             tiny_unet(torch.zeros(1, 1, 8, 8), 900 - 100 * t, class_labels=torch.tensor([0]))
     assert h.stats["full_calls"] == 3 and h.stats["cache_hits"] == 5
+
+
+def test_flop_accountant_matches_count_flops(tiny_unet, gen):
+    from dmlab.bench import FlopAccountant
+
+    run = unet_run(tiny_unet, "unet2d", gen)
+    d = DiscreteVPDenoiser(tiny_unet, AC)
+    x, y = torch.randn(1, 1, 8, 8, generator=gen), torch.tensor([3])
+    acct = FlopAccountant(tiny_unet).profile(lambda: d(x, torch.tensor([5.0]), class_labels=y))
+    snap = snapshot(tiny_unet)
+    for apply in [None, *CONFIGS]:
+        with acct.counting() as c:
+            if apply is None:
+                run()
+            else:
+                with apply(tiny_unet):
+                    run()
+        if apply is None:
+            expected = count_flops(run)
+        else:
+            with apply(tiny_unet):
+                expected = count_flops(run)
+        assert c.total == expected
+    assert_restored(tiny_unet, snap)
+    with pytest.raises(RuntimeError, match="profile"):
+        with FlopAccountant(tiny_unet).counting():
+            pass
+    with pytest.raises(RuntimeError, match="outside the networks"):
+        FlopAccountant(tiny_unet).profile(lambda: torch.ones(2, 2) @ torch.ones(2, 2))
