@@ -129,9 +129,12 @@ def verify_all(root: pathlib.Path | None = None) -> dict:
 
 def registry_table(root: pathlib.Path | None = None) -> str:
     """A plain-text table of the registry: params, FLOPs per call, training time and metrics."""
-    lines = [f"{'name':12s} {'params':>9s} {'MFLOPs/call':>11s} {'train s':>8s}  metrics"]
+    lines = [f"{'name':11s} {'params':>9s} {'MFLOPs/call':>11s} {'trained':>12s} {'1-CPU est.':>10s}  metrics"]
     for name, e in sorted(read_registry(root).items()):
-        m = ", ".join(f"{k}={v}" for k, v in e.get("metrics", {}).items() if isinstance(v, (int, float)))
-        lines.append(f"{name:12s} {e.get('params', 0):>9,d} {e.get('flops_per_call', 0) / 1e6:>11.2f} "
-                     f"{e.get('train_seconds', 0):>8.0f}  {m}")
+        m = ", ".join(f"{k}={v}" for k, v in e.get("metrics", {}).items()
+                      if isinstance(v, (int, float)) and k not in ("guidance", "steps"))
+        trained = f"{e.get('train_seconds', 0):.0f} s {e.get('train_device', '?')}"
+        cpu = f"{e['cpu_minutes_estimate']:.1f} min" if "cpu_minutes_estimate" in e else "-"
+        lines.append(f"{name:11s} {e.get('params', 0):>9,d} {e.get('flops_per_call', 0) / 1e6:>11.2f} "
+                     f"{trained:>12s} {cpu:>10s}  {m}")
     return "\n".join(lines)

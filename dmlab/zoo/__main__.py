@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("register", help="measure a saved model and (re)write its registry entry")
     r.add_argument("name")
     r.add_argument("--out", default=None)
+    r.add_argument("--keep-metrics", action="store_true", help="re-hash and re-cost, keep the recorded metrics")
     sub.add_parser("list", help="list the registry")
     sub.add_parser("verify", help="check every registered file's sha256")
     a = p.parse_args(argv)
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
             entry = register(a.name, root=pathlib.Path(a.out) if a.out else None)
             print({k: entry[k] for k in ("config_hash", "params", "flops_per_call", "train_seconds", "metrics")})
     elif a.cmd == "register":
-        entry = register(a.name, root=pathlib.Path(a.out) if a.out else None)
+        entry = register(a.name, root=pathlib.Path(a.out) if a.out else None, measure=not a.keep_metrics)
         print({k: entry[k] for k in ("config_hash", "params", "flops_per_call", "train_seconds", "metrics")})
     elif a.cmd == "list":
         print(registry_table())

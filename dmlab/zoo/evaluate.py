@@ -85,3 +85,45 @@ def measure_classifier() -> dict:
     x16, _ = load_digits("test", size=16)
     return {"test_accuracy": round(metrics.class_accuracy(x, y, classifier=clf), 4),
             "test_accuracy_16px": round(metrics.class_accuracy(x16, y, classifier=clf), 4)}
+
+
+def cpu_seconds_per_step(recipe, *, steps: int = 10) -> dict:
+    """CPU (process) seconds per training step of a recipe with 1 thread, from a short throwaway run after a warm-up
+    step, and the implied minutes for the whole recipe. Process time, not wall time: on a shared machine it is far
+    less inflated by other jobs than the wall clock (but still somewhat, through shared caches)."""
+    import dataclasses
+    import pathlib
+    import tempfile
+    import time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            d = pathlib.Path(d)
+            if recipe.kind == "sd":
+                from .latent import train_pipeline
+
+                out = {}
+                for phase, (n_vae, n_unet) in {"vae": (steps + 1, 1), "unet": (1, steps + 1)}.items():
+                    r = dataclasses.replace(recipe.with_steps(n_unet, checkpoint_every=10 ** 6),
+                                            extra=dict(recipe.extra, vae_steps=n_vae))
+                    warm = dataclasses.replace(r.with_steps(1), extra=dict(r.extra, vae_steps=1))
+                    train_pipeline(warm, d / f"w{phase}", progress=False, state_dir=d / f"sw{phase}")
+                    t0 = time.process_time()
+                    train_pipeline(r, d / phase, progress=False, state_dir=d / f"s{phase}")
+                    t1 = time.process_time()
+                    out[phase] = (t1 - t0) / (steps + 2)  # includes one step of the other phase and the save
+                total = out["vae"] * recipe.extra["vae_steps"] + out["unet"] * recipe.train.steps
+                return {"cpu_seconds_per_step": {k: round(v, 4) for k, v in out.items()},
+                        "cpu_minutes_estimate": round(total / 60, 1)}
+            from .train import train
+
+            train(recipe.with_steps(1, checkpoint_every=10 ** 6), progress=False, state_dir=d / "warm")
+            t0 = time.process_time()
+            train(recipe.with_steps(steps, checkpoint_every=10 ** 6), progress=False, state_dir=d / "run")
+            per = (time.process_time() - t0) / steps
+            return {"cpu_seconds_per_step": round(per, 4),
+                    "cpu_minutes_estimate": round(per * recipe.train.steps / 60, 1)}
+    finally:
+        torch.set_num_threads(threads)

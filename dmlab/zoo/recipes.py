@@ -128,8 +128,8 @@ RECIPES["sd_tiny"] = Recipe(
               "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 64,
               "attention_head_dim": 8, "norm_num_groups": 8},
      "text_encoder": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}},
-    TrainConfig(steps=3000, batch_size=64, lr=1e-3, warmup=100),
-    size=16, extra={"vae_steps": 1000, "vae_lr": 1e-3, "kl_weight": 1e-3})
+    TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup=100),
+    size=16, extra={"vae_steps": 500, "vae_lr": 1e-3, "kl_weight": 1e-3})
 
 
 def get_recipe(name: str) -> Recipe:

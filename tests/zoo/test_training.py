@@ -55,7 +55,12 @@ def test_sd_tiny_recipe_smoke_run_builds_a_loadable_pipeline(tmp_path):
 
     from dmlab.zoo.latent import train_pipeline
 
-    r = dataclasses.replace(_tiny("sd_tiny", steps=2), extra=dict(zoo.get_recipe("sd_tiny").extra, vae_steps=2))
+    base = zoo.get_recipe("sd_tiny")
+    small = {"vae": dict(base.model["vae"], block_out_channels=[8, 16]),
+             "unet": dict(base.model["unet"], block_out_channels=[8, 16, 16]),
+             "text_encoder": dict(base.model["text_encoder"], hidden_size=16, intermediate_size=32)}
+    small["unet"]["cross_attention_dim"] = 16
+    r = dataclasses.replace(_tiny("sd_tiny", steps=2), model=small, extra=dict(base.extra, vae_steps=2))
     assert train_pipeline(r, tmp_path / "sd", progress=False, state_dir=tmp_path / "run", stop_after=3) is None
     folder = train_pipeline(r, tmp_path / "sd", progress=False, state_dir=tmp_path / "run")  # resumes in phase 2
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
