@@ -6,8 +6,9 @@ the functions that need them. Start a chapter with ``SCALE, gen = dmlab.setup(se
 from . import data, denoisers, exact, samplers, schedules, viz
 from . import accelerators, bench
 from . import metrics, zoo
+from . import probes
 from .denoisers import Denoiser
 from .scale import Scale, get_scale, seed_everything, setup
 
 __version__ = "0.1.0"
-__all__ = ["Denoiser", "Scale", "denoisers", "exact", "get_scale", "samplers", "schedules", "seed_everything", "setup", "data", "viz", "accelerators", "bench", "metrics", "zoo"]
+__all__ = ["Denoiser", "Scale", "denoisers", "exact", "get_scale", "samplers", "schedules", "seed_everything", "setup", "data", "viz", "accelerators", "bench", "metrics", "zoo", "probes"]

@@ -141,7 +141,8 @@ def capture(model: nn.Module, layers, *, keep_all: bool = False, detach: bool = 
 # ----------------------------------------------------------------------------------------------- token grids
 def tokens_to_grid(tokens: Tensor, height: int, width: int, *, n_prefix: int = 0) -> Tensor:
     """``[B, n_prefix + height*width, D]`` tokens -> ``[B, D, height, width]`` (prefix tokens such as CLS and
-    registers are dropped); row-major patch order, as ViT/DINOv2 and diffusers' DiT patchify."""
+    registers are dropped); row-major patch order, as ViT/DINOv2 and diffusers' DiT patchify. The token-to-grid step
+    of SD-DINO's DINOv2 branch (paper 10)."""
     if tokens.ndim != 3:
         raise ValueError(f"tokens must have shape [B, N, D], got {tuple(tokens.shape)}")
     B, N, D = tokens.shape

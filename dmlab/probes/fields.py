@@ -52,7 +52,8 @@ def add_field(denoiser: Callable, field: Callable) -> Callable:
 
 def jacobian(fn: Callable, x: Tensor, *args, create_graph: bool = False) -> Tensor:
     """Per-sample Jacobian ``d fn(x)_b / d x_b`` ``[B, d, d]`` of a map ``[B, d] -> [B, d]`` whose samples do not
-    interact (one backward pass per output dimension)."""
+    interact (one backward pass per output dimension); the denoiser Jacobian of the intrinsic-dimension probe of
+    paper 59."""
     if x.ndim != 2:
         raise ValueError(f"x must be [B, d] (flatten images first), got {tuple(x.shape)}")
     with torch.enable_grad():
