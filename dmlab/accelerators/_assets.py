@@ -1,9 +1,10 @@
 """Small trained accelerator weights (exit heads, linear-attention modules) stored next to the zoo models.
 
-They go through the zoo's registry API (:mod:`dmlab.zoo.store`: ``read_registry``, ``write_registry``,
-``file_table``, ``fetch``), so every file's sha256 is recorded and checked before loading, and a pip install without
-the checkout downloads them like the zoo models. An entry looks like a zoo entry with ``kind`` set to the adapter
-kind (``"exit_heads"``, ``"linear_attention"``) and ``base`` naming the zoo model it belongs to (with a fingerprint
+Their files sit in the zoo folder (``data/zoo/<name>/``) and go through the zoo's store (:mod:`dmlab.zoo.store`:
+``file_table``, ``fetch``, ``sha256``), so every file's hash is recorded and checked before loading, and a pip install
+without the checkout downloads them like the zoo models. Their registry is a file of its own,
+``data/zoo/adapters.json``, so the zoo's ``registry.json`` keeps exactly one entry per zoo recipe. An entry looks like
+a zoo entry with ``kind`` set to the adapter kind (``"exit_heads"``, ``"linear_attention"``) and ``base`` naming the zoo model it belongs to (with a fingerprint
 of that model's files, so a retrained base is detected).
 """
 from __future__ import annotations
@@ -16,6 +17,31 @@ import time
 import torch
 
 ADAPTER_KINDS = ("exit_heads", "linear_attention")
+REGISTRY = "adapters.json"
+
+
+def read_adapters(root: pathlib.Path | None = None) -> dict:
+    """The adapter registry ``{name: entry}`` of the zoo folder (downloaded first when the zoo is remote)."""
+    import os
+
+    from ..zoo.store import _download, checkout_zoo_dir, raw_url, zoo_dir
+
+    path = (root or zoo_dir()) / REGISTRY
+    if not path.is_file():
+        if root is None and checkout_zoo_dir() is None and not os.environ.get("DMLAB_DATA"):
+            _download(raw_url(REGISTRY), path)
+        else:
+            return {}
+    return json.loads(path.read_text())
+
+
+def write_adapters(reg: dict, root: pathlib.Path | None = None) -> pathlib.Path:
+    """Write the adapter registry sorted by name."""
+    from ..zoo.store import zoo_dir
+
+    path = (root or zoo_dir()) / REGISTRY
+    path.write_text(json.dumps({k: reg[k] for k in sorted(reg)}, indent=1) + "\n")
+    return path
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -35,7 +61,7 @@ def save_adapter(name: str, module: torch.nn.Module, *, kind: str, base: str, co
     register them (``kind``, ``base`` and its config hash, the recipe and its hash, file hashes, params)."""
     from safetensors.torch import save_file
 
-    from ..zoo.store import file_table, read_registry, write_registry, zoo_dir
+    from ..zoo.store import file_table, read_registry, zoo_dir
 
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"kind must be one of {ADAPTER_KINDS}, got {kind!r}")
@@ -55,9 +81,9 @@ def save_adapter(name: str, module: torch.nn.Module, *, kind: str, base: str, co
              "train_seconds": log.get("train_seconds"), "train_steps": log.get("steps"),
              "params": sum(p.numel() for p in module.parameters()), "torch_version": torch.__version__,
              "metrics": log.get("metrics", {}), "saved": time.strftime("%Y-%m-%d")}
-    reg = read_registry(root)  # re-read right before writing: the zoo may have registered something meanwhile
+    reg = read_adapters(root)
     reg[name] = entry
-    write_registry(reg, root)
+    write_adapters(reg, root)
     return entry
 
 
@@ -67,14 +93,14 @@ def load_adapter(name: str, *, kind: str, root: pathlib.Path | None = None) -> t
 
     from ..zoo.store import fetch, read_registry, zoo_dir
 
-    reg = read_registry(root)
+    reg = read_adapters(root)
     if name not in reg:
-        raise FileNotFoundError(f"no adapter {name!r} in the zoo registry of {root or zoo_dir()}; train it with the "
-                                f"recipe (see the chapter's 'load if it exists, else train' cell)")
+        raise FileNotFoundError(f"no adapter {name!r} in {(root or zoo_dir()) / REGISTRY}; train it with its recipe "
+                                f"(python benchmarks/train_adapters.py {name}) or use the chapter's fallback")
     entry = reg[name]
     if entry.get("kind") != kind:
-        raise ValueError(f"zoo entry {name!r} is a {entry.get('kind')!r}, not {kind!r}")
-    base = reg.get(entry["base"])
+        raise ValueError(f"adapter {name!r} is a {entry.get('kind')!r}, not {kind!r}")
+    base = read_registry(root).get(entry["base"])
     if base is not None and base_fingerprint(base) != entry.get("base_weights"):
         raise ValueError(f"adapter {name!r} was trained on other weights of {entry['base']!r} than the registered "
                          f"ones (the base model was retrained); retrain the adapter with its recipe")

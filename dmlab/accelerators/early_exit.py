@@ -401,12 +401,13 @@ def save_exit_heads(heads: ExitHeads, name: str, *, base: str, recipe: dict, log
 
 def load_exit_heads(name: str, *, device: str = "cpu", root=None) -> ExitHeads:
     """Exit heads registered with :func:`save_exit_heads`, after checking their sha256 (``FileNotFoundError`` if
-    absent: train them with :func:`train_exit_heads`)."""
+    absent: train them with :func:`build_exit_heads`); ``heads.info`` is their registry entry."""
     from ._assets import load_adapter
 
-    state, config, _ = load_adapter(name, kind="exit_heads", root=root)
+    state, config, entry = load_adapter(name, kind="exit_heads", root=root)
     heads = ExitHeads(**config)
     heads.load_state_dict(state)
+    heads.info = entry  # the registry entry: recipe, params, training steps and seconds
     return heads.to(device).eval()
 
 

@@ -378,9 +378,7 @@ def explorer(frontier: Frontier, knobs: Sequence[str] = KNOBS, *, x: str = "flop
             plt.close(fig)
             from .. import viz
 
-            g = viz.image_grid(r["samples"][:n_show], nrow=n_show)
-            display(g)
-            plt.close(g)
+            display(viz.image_grid(r["samples"][:n_show], nrow=n_show))
 
     for m in menus.values():
         m.observe(show, names="value")

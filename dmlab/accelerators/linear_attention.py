@@ -312,10 +312,10 @@ def save_linear_attention(modules: LinearAttentionModules, name: str, *, base: s
 
 def load_linear_attention(name: str, model: Any, *, root=None) -> LinearAttentionModules:
     """Linear-attention modules registered with :func:`save_linear_attention`, rebuilt on ``model`` (the base they
-    were distilled into) and loaded after checking their sha256."""
+    were distilled into) and loaded after checking their sha256; ``modules.info`` is their registry entry."""
     from ._assets import load_adapter
 
-    state, config, _ = load_adapter(name, kind="linear_attention", root=root)
+    state, config, entry = load_adapter(name, kind="linear_attention", root=root)
     mid = config.get("mid_dim")
     model = resolve_model(model, method="load_linear_attention")
     mods = linear_attention_for(model, mid_dim=mid)
@@ -323,6 +323,7 @@ def load_linear_attention(name: str, model: Any, *, root=None) -> LinearAttentio
         raise ValueError(f"{name!r} was distilled for modules {config['names'][:2]}..., this model has "
                          f"{mods.names[:2]}...; pass the base model it was trained on")
     mods.load_state_dict(state)
+    mods.info = entry  # the registry entry: recipe, params, training steps and seconds
     return mods.eval()
 
 
