@@ -16,13 +16,14 @@ combination (a corrector such as UniC, which reuses ``D[i]`` evaluated at the un
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from ._common import call, prepare, report
+from ._common import report
 
 KINDS = ("x", "d", "e")
 
@@ -46,8 +47,11 @@ class Update:
 
     @staticmethod
     def of(**parts: dict) -> "Update":
-        """``Update.of(x={i: a}, d={i: b, i - 1: c})``: build from ``{index: coef}`` dicts per kind."""
-        return Update(tuple((k, j, c) for k, d in parts.items() for j, c in d.items()))
+        """``Update.of(x={i: a}, d={i: b, i - 1: c})``: build from ``{index: coef}`` dicts per kind (the fast path
+        the plan builders use: keys are already unique per kind, so no merging or checks)."""
+        u = object.__new__(Update)
+        object.__setattr__(u, "terms", tuple((k, j, c) for k, d in parts.items() for j, c in d.items()))
+        return u
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,13 @@ class Plan:
 
 
 def _combine(upd: Update, hist: dict) -> Tensor:
-    (k0, j0, c0), rest = upd.terms[0], upd.terms[1:]
+    terms = upd.terms
+    if len(terms) == 1 and terms[0][2] == 1.0:  # x = D: the final step, no arithmetic
+        return hist[terms[0][0]][terms[0][1]]
+    if len(terms) == 2 and abs(terms[0][2] + terms[1][2] - 1.0) < 1e-12:  # a u + (1 - a) v: one kernel
+        (k0, j0, c0), (k1, j1, _) = terms
+        return torch.lerp(hist[k1][j1], hist[k0][j0], c0)
+    (k0, j0, c0), rest = terms[0], terms[1:]
     out = hist[k0][j0] * c0
     for kind, j, c in rest:
         out.add_(hist[kind][j], alpha=c)
@@ -128,11 +138,34 @@ class Stepper:
 def run_plan(plan: Plan, denoiser: Callable, x: Tensor, sigmas: Tensor, cond: dict, callback) -> Tensor:
     """Evaluate ``denoiser`` once per step of ``plan`` (``sigmas`` already on ``x``'s device and dtype)."""
     stepper = Stepper(plan)
+    per_step = sigmas[:, None].expand(len(sigmas), x.shape[0]).unbind(0)  # [B] sigma of each step, made once
     for i in range(plan.n_steps):
-        denoised = call(denoiser, x, sigmas[i], cond)
+        denoised = denoiser(x, per_step[i], **cond)
         x_now, x = stepper.step(x, denoised)
         report(callback, i, x_now, sigmas[i], sigmas[i + 1], denoised)
     return x
+
+
+def checked_list(sigmas) -> list:
+    """The schedule as a list of floats, validated as :func:`dmlab.schedules.check_schedule` does (same messages),
+    in plain Python: one tensor op instead of a dozen, which is most of a fast sampler's fixed cost."""
+    if not isinstance(sigmas, Tensor):
+        raise TypeError(f"sigmas must be a torch.Tensor (e.g. dmlab.schedules.karras(10)), got {type(sigmas).__name__}")
+    if sigmas.ndim != 1:
+        raise ValueError(f"sigmas must be a 1-D tensor [n_steps + 1], got shape {tuple(sigmas.shape)}")
+    lst = sigmas.detach().to("cpu", torch.float64).tolist()
+    if len(lst) < 2:
+        raise ValueError(f"sigmas has {len(lst) - 1} step(s); this sampler needs at least 1 "
+                         "(pass a longer schedule, e.g. dmlab.schedules.karras(2))")
+    if not all(math.isfinite(v) for v in lst):
+        raise ValueError("sigmas must be finite")
+    if lst[-1] != 0:
+        raise ValueError("sigmas must end in 0; use dmlab.schedules.append_zero(sigmas)")
+    if min(lst) < 0:
+        raise ValueError("sigmas must be non-negative (sigma is a noise standard deviation)")
+    if any(b >= a for a, b in zip(lst, lst[1:])):
+        raise ValueError("sigmas must be strictly decreasing (from sigma_max down to 0); reverse it with .flip(0)")
+    return lst
 
 
 def sample_plan(builder: Callable, denoiser: Callable, x: Tensor, sigmas: Tensor, cond, generator, callback,
@@ -141,7 +174,19 @@ def sample_plan(builder: Callable, denoiser: Callable, x: Tensor, sigmas: Tensor
 
     The builder validates its options (and the number of steps its order needs) before anything is evaluated.
     """
-    sig, cond = prepare(denoiser, x, sigmas, cond, generator)
-    plan = builder(sigmas.detach().to("cpu", torch.float64).tolist(), **options)
+    if not callable(denoiser):
+        raise TypeError("denoiser must be callable: D(x, sigma[B], **cond) -> x0_hat (see dmlab.denoisers)")
+    if not isinstance(x, Tensor) or x.ndim < 1:
+        raise TypeError("x must be a torch.Tensor of shape [B, ...] (the starting noise times sigmas[0])")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    lst = checked_list(sigmas)
+    if cond is not None and not isinstance(cond, dict):
+        raise TypeError("cond must be a dict of keyword arguments for the denoiser, e.g. {'class_labels': y}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
+    cond = dict(cond or {})
+    sig = sigmas.to(device=x.device, dtype=x.dtype)
+    plan = builder(lst, **options)
     with torch.no_grad():
         return run_plan(plan, denoiser, x, sig, cond, callback)

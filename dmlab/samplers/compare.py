@@ -71,7 +71,8 @@ def diffusers_state_at_end(cls_name: str, config: dict, denoiser: Callable, nois
                            **base) -> tuple[Tensor, float, float]:
     """Drive a diffusers scheduler with an exact denoiser for ``nfe`` model calls from ``x_vp = noise``.
 
-    Returns ``(VE state at the end, sigma at the start, sigma at the end)``. ``base`` holds the beta schedule
+    Returns ``(VE state at the end, sigma at the start, sigma at the end)``; the start is ``x_vp = noise`` (for the
+    VE-state Euler/Heun schedulers ``x = noise * init_noise_sigma``: the same VE point). ``base`` holds the beta schedule
     (diffusers' DDPM defaults otherwise); ``final_sigmas_type="sigma_min"`` is set where the class has it.
     """
     sch = make_scheduler(cls_name, **base, **config)
@@ -88,10 +89,11 @@ def diffusers_state_at_end(cls_name: str, config: dict, denoiser: Callable, nois
             return float(sch.sigmas[0])
         return float(train[int(t)])  # DDIM: the training sigma of its integer timestep
 
+    ve = cls_name.startswith(("Euler", "Heun"))  # these keep the VE state and scale the model input
     x = noise.to(torch.float32) * sch.init_noise_sigma
     for t in sch.timesteps:
         s = sigma_now(t)
-        x_ve = x.double() * math.sqrt(1 + s ** 2)
+        x_ve = x.double() * (1.0 if ve else math.sqrt(1 + s ** 2))
         eps = (x_ve - denoiser(x_ve, torch.full((x.shape[0],), s, dtype=torch.float64))) / s
         x = sch.step(eps.float(), t, x).prev_sample
     if cls_name == "DDIMScheduler":
@@ -100,7 +102,7 @@ def diffusers_state_at_end(cls_name: str, config: dict, denoiser: Callable, nois
     else:
         s_end = float(sch.sigmas[-1])
     s_start = float(sch.sigmas[0]) if getattr(sch, "sigmas", None) is not None else float(train[int(sch.timesteps[0])])
-    return x.double() * math.sqrt(1 + s_end ** 2), s_start, s_end
+    return x.double() * (1.0 if ve else math.sqrt(1 + s_end ** 2)), s_start, s_end
 
 
 # ----------------------------------------------------------------------------------------------- overhead
@@ -134,7 +136,8 @@ def overhead_table(n_steps: int = 20, shape: tuple = (16, 1, 8, 8), pairs: int =
     Both sides include their schedule construction (diffusers' ``set_timesteps``, dmlab's sigma grid and plan)
     divided over the steps; Heun's time is per model call. Returns a :class:`dmlab.bench.Table` with columns
     ``diffusers_ms``, ``dmlab_ms`` (per step, medians) and ``ratio`` (median of the interleaved per-pair ratios
-    dmlab / diffusers, with its range). One intra-op thread (CONVENTIONS §8).
+    dmlab / diffusers, with its range). One intra-op thread (CONVENTIONS §8) and the CPU time of this process
+    (``clock="process"``): on a shared machine, wall time also counts the time spent waiting for a core.
     """
     from ..bench import Table, time_pair
 
@@ -160,7 +163,7 @@ def overhead_table(n_steps: int = 20, shape: tuple = (16, 1, 8, 8), pairs: int =
             return fn(lambda x, sigma: out, x0, s, **kw)
 
         calls = 2 * n_steps - 1 if key == "heun" else n_steps
-        t = time_pair(run_diffusers, run_dmlab, pairs=pairs, warmup=1, threads=1)
+        t = time_pair(run_diffusers, run_dmlab, pairs=pairs, warmup=1, threads=1, clock="process")
         table.add(label, diffusers_ms=1e3 * t.baseline_s / calls, dmlab_ms=1e3 * t.method_s / calls,
                   ratio=1 / t.speedup, ratio_lo=1 / t.hi, ratio_hi=1 / t.lo)
     return table
@@ -213,32 +216,40 @@ def dmlab_candidates(stats=None, spec=None) -> dict:
 
 def accuracy_table(denoiser: Callable, noise: Tensor, nfe: int, *, sigma_min: float, sigma_max: float,
                    schedules_: dict | None = None, stats=None, spec=None, diffusers: bool = True,
-                   refs: References | None = None):
-    """RMS error of the state at ``sigma_min`` after ``nfe`` evaluations, every candidate from the same noise.
+                   refs: References | None = None, flip: float = 0.1):
+    """Error of the state at ``sigma_min`` after ``nfe`` evaluations, every candidate from the same noise.
+
+    Columns: ``error`` the geometric mean of the per-path RMS errors (the typical path), ``median``, ``rms`` (over
+    all paths: dominated by paths that end on another training image of a memorising denoiser) and ``flips`` (paths
+    whose error exceeds ``flip``).
 
     dmlab solvers run on each grid of ``schedules_`` (``{label: fn(n) -> sigmas}``; default uniform in DDPM time
     (diffusers' default grid), Karras rho = 7 and log-uniform) from ``sigma_max``; a searched ``spec`` runs on its own grid. diffusers schedulers run on their own
     grids (from their configs, on the DDPM-default betas, whose training sigmas span ``[0.01, 157.4]``), each against
-    the exact ODE from its own start to its own end. Returns a :class:`dmlab.bench.Table` (``library``, ``error``).
+    the exact ODE from its own start to its own end. Returns a :class:`dmlab.bench.Table`.
     """
     from ..bench import Table
+    from .search import path_errors, reduce_errors, time_uniform
 
     refs = refs or References(denoiser, noise)
-    from .search import time_uniform
-
     grids = schedules_ or {"time-uniform": lambda n: time_uniform(n, sigma_min, sigma_max),
                            "karras": lambda n: schedules.karras(n, sigma_min, sigma_max),
                            "log-uniform": lambda n: schedules.log_uniform(n, sigma_min, sigma_max)}
-    table = Table(f"Error of the state at sigma_min after NFE = {nfe}", ["library", "grid", "sigma_end", "error"])
-    ref = refs(sigma_max, sigma_min)
+    table = Table(f"Error of the state at sigma_min after NFE = {nfe}",
+                  ["library", "grid", "error", "median", "rms", "flips"])
+
+    def row(label, lib, grid, x_end, ref):
+        e = path_errors(x_end, ref)
+        table.add(label, library=lib, grid=grid, error=reduce_errors(e, "gmean"), median=float(e.median()),
+                  rms=reduce_errors(e, "rms"), flips=int((e > flip).sum()))
+
     for label, (fn, kw) in dmlab_candidates(stats, spec).items():
         for gname, grid in ({"own": None} if label.startswith("searched") else grids).items():
             s = torch.tensor(spec.sigmas) if grid is None else grid(nfe + 1)
-            x_end = state_at_end(fn, denoiser, refs.start(float(s[0])), s, **kw)
-            table.add(f"{label} [{gname}]", library="dmlab", grid=gname, sigma_end=float(s[-2]),
-                      error=rmse(x_end, refs(float(s[0]), float(s[-2]))))
+            row(f"{label} [{gname}]", "dmlab", gname, state_at_end(fn, denoiser, refs.start(float(s[0])), s, **kw),
+                refs(float(s[0]), float(s[-2])))
     if diffusers:
         for label, cls_name, cfg in DIFFUSERS_CONFIGS:
             x_end, s0, s1 = diffusers_state_at_end(cls_name, cfg, denoiser, refs.noise, nfe)
-            table.add(label, library="diffusers", grid="own", sigma_end=s1, error=rmse(x_end, refs(s0, s1)))
+            row(label, "diffusers", "own", x_end, refs(s0, s1))
     return table

@@ -31,7 +31,8 @@ from torch import Tensor
 from .. import schedules
 from ._plan import Plan, Update, sample_plan
 
-__all__ = ["SolverSpec", "sample_spec", "state_error", "search_solver", "baseline_specs", "time_uniform"]
+__all__ = ["SolverSpec", "sample_spec", "state_error", "search_solver", "baseline_specs", "time_uniform",
+           "path_errors", "reduce_errors"]
 
 PREDICTIONS = ("data", "noise")
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(16)
@@ -164,8 +165,23 @@ def _warped(nfe: int, sigma_min: float, sigma_max: float, rho: float, offsets, f
     return [float(v) for v in np.exp(ls)] + [0.0]
 
 
-def state_error(run: Callable, denoiser: Callable, x: Tensor, reference: Tensor) -> float:
-    """RMS error of the state at the last positive sigma after ``run(recording_denoiser, x)``.
+def path_errors(x: Tensor, reference: Tensor) -> Tensor:
+    """Per-path RMS error ``[B]`` (float64)."""
+    return ((x.double() - reference.double()) ** 2).flatten(1).mean(1).sqrt()
+
+
+def reduce_errors(e: Tensor, reduce: str = "rms") -> float:
+    """``"rms"``: RMS over all paths (dominated by the worst); ``"gmean"``: geometric mean of per-path errors, the
+    typical path (a path that lands in another basin of a memorising denoiser costs a bounded amount)."""
+    if reduce == "rms":
+        return float((e ** 2).mean().sqrt())
+    if reduce == "gmean":
+        return float(e.clamp_min(1e-300).log().mean().exp())
+    raise ValueError(f"unknown reduce {reduce!r}; use 'rms' or 'gmean'")
+
+
+def state_error(run: Callable, denoiser: Callable, x: Tensor, reference: Tensor, *, reduce: str = "rms") -> float:
+    """Error of the state at the last positive sigma after ``run(recording_denoiser, x)`` (:func:`reduce_errors`).
 
     The state is the input of the denoiser's *last* call (at the last positive sigma, before the jump to ``D``),
     so its NFE count excludes that final call and a corrector is never applied there: the same quantity a
@@ -178,7 +194,7 @@ def state_error(run: Callable, denoiser: Callable, x: Tensor, reference: Tensor)
         return denoiser(xx, sigma, **cond)
 
     run(rec, x)
-    return float(((last["x"] - reference) ** 2).mean().sqrt())
+    return reduce_errors(path_errors(last["x"], reference), reduce)
 
 
 def baseline_specs(nfe: int, sigma_min: float, sigma_max: float) -> dict:
@@ -193,7 +209,7 @@ def baseline_specs(nfe: int, sigma_min: float, sigma_max: float) -> dict:
 
 def search_solver(denoiser: Callable, x_search: Tensor, *, nfe: int, sigma_min: float, sigma_max: float,
                   reference: Tensor | None = None, n_candidates: int = 200, population: int = 16, seed: int = 0,
-                  name: str | None = None, path=None) -> tuple[SolverSpec, float]:
+                  name: str | None = None, path=None, reduce: str = "rms") -> tuple[SolverSpec, float]:
     """Search the unified space for the solver with the smallest :func:`state_error` at ``nfe`` evaluations.
 
     The schedule goes from ``sigma_max`` to ``sigma_min`` (both fixed, then 0); searched: the grid family (Karras
@@ -203,6 +219,7 @@ def search_solver(denoiser: Callable, x_search: Tensor, *, nfe: int, sigma_min: 
     ``n_candidates`` children mutates one or two choices of a random parent. ``reference`` is the exact ODE state at
     ``sigma_min`` from ``x_search`` (computed with :func:`dmlab.exact.reference_ode` if None). The best spec is
     returned (and saved to ``path`` as JSON) with its search error; evaluate it on fresh starting points.
+    ``reduce`` is how per-path errors are combined (:func:`reduce_errors`).
     """
     if not isinstance(nfe, int) or nfe < 2:
         raise ValueError(f"nfe must be an int >= 2, got {nfe!r}")
@@ -222,7 +239,7 @@ def search_solver(denoiser: Callable, x_search: Tensor, *, nfe: int, sigma_min: 
     def score(g) -> float:
         try:
             spec = build(g)
-            e = state_error(lambda d, xx: sample_spec(d, xx, spec=spec), denoiser, x_search, reference)
+            e = state_error(lambda d, xx: sample_spec(d, xx, spec=spec), denoiser, x_search, reference, reduce=reduce)
         except (ValueError, RuntimeError):
             return math.inf
         return e if math.isfinite(e) else math.inf
