@@ -1,10 +1,11 @@
 """How much each U-Net block's output moves between sampling steps: the analysis of Faster Diffusion (Li et al.
 2024, "Faster Diffusion: Rethinking the Role of the Encoder for Diffusion Model Inference", paper 35).
 
-The paper's observation (its Sec. 3, Fig. 3, on Stable Diffusion with 50 DDIM steps): the *encoder* blocks' features
-change gently from one time step to the next while the *decoder* blocks' features change a lot - which is what lets
-encoder propagation (:func:`dmlab.accelerators.apply_encoder_propagation`) reuse encoder features. Its measures, per
-block ``b`` with output ``f_b^s`` at sampling step ``s``:
+The paper's observation (its analysis section and Fig. 3, on Stable Diffusion with 50 DDIM steps): the *encoder*
+blocks' features change gently from one time step to the next while the *decoder* blocks' features change a lot -
+which is what lets encoder propagation (:func:`dmlab.accelerators.apply_encoder_propagation`) reuse encoder features.
+No analysis code was released (the official ``utils_sd.py`` holds only the accelerator); as we read the paper, its
+measures are, per block ``b`` with output ``f_b^s`` at sampling step ``s``:
 
 * the mean squared difference between adjacent steps, ``MSE(f_b^s, f_b^{s-1})`` (its Fig. 3a) -
   :func:`adjacent_mse`;
