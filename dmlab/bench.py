@@ -259,7 +259,7 @@ def psnr(x: Tensor, ref: Tensor, *, data_range: float = 2.0, reduction: str = "m
                          f"{getattr(x, 'shape', None)} and {getattr(ref, 'shape', None)}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    mse = (x.double() - ref.double()).pow(2).flatten(1).mean(1)
+    mse = (x.detach().double() - ref.detach().double()).pow(2).flatten(1).mean(1)
     p = 10 * torch.log10(data_range ** 2 / mse)  # inf where mse == 0
     if reduction == "none":
         return p

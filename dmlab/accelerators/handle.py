@@ -157,6 +157,8 @@ class _PatchedForward:
         return self.layers[i][1](lambda *a, **k: self._run(i - 1, a, k), *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
+        if len(self.layers) == 1:  # the common case, without building a chain
+            return self.layers[0][1](self.base, *args, **kwargs)
         return self._run(len(self.layers) - 1, args, kwargs)
 
 
