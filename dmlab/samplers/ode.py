@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import call, prepare, report
+from ._common import prepare, report
 
 
 @torch.no_grad()
@@ -22,11 +22,11 @@ def sample_euler(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | 
     accepted for the shared signature and unused (the sampler is deterministic).
     """
     sigmas, cond = prepare(denoiser, x, sigmas, cond, generator)
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = call(denoiser, x, s, cond)
-        report(callback, i, x, s, s_next, denoised)
-        x = x + (s_next - s) * (x - denoised) / s
+    sig, batch = sigmas.tolist(), sigmas[:, None].expand(-1, x.shape[0])  # floats for the arithmetic, [B] for D
+    for i in range(len(sig) - 1):
+        denoised = denoiser(x, batch[i], **cond)
+        report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+        x = torch.add(x, torch.sub(x, denoised), alpha=(sig[i + 1] - sig[i]) / sig[i])
     return x
 
 
@@ -38,15 +38,17 @@ def sample_heun(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
     ``nfe = 2 n_steps - 1``: the final step to ``sigma = 0`` is a plain Euler step. The model is never evaluated at 0.
     """
     sigmas, cond = prepare(denoiser, x, sigmas, cond, generator)
-    for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = call(denoiser, x, s, cond)
-        report(callback, i, x, s, s_next, denoised)
-        d = (x - denoised) / s
-        x_pred = x + (s_next - s) * d
+    sig, batch = sigmas.tolist(), sigmas[:, None].expand(-1, x.shape[0])  # floats for the arithmetic, [B] for D
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
+        denoised = denoiser(x, batch[i], **cond)
+        report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+        h = s_next - s
+        r = torch.sub(x, denoised)  # slope d = r / s
+        x_pred = torch.add(x, r, alpha=h / s)
         if s_next == 0:
             x = x_pred
-        else:
-            d_next = (x_pred - call(denoiser, x_pred, s_next, cond)) / s_next
-            x = x + (s_next - s) * (d + d_next) / 2
+        else:  # trapezoid: x + h (d + d_next) / 2, with d_next = r_next / s_next
+            r_next = torch.sub(x_pred, denoiser(x_pred, batch[i + 1], **cond))
+            x = torch.add(x, r, alpha=h / (2 * s)).add_(r_next, alpha=h / (2 * s_next))
     return x
