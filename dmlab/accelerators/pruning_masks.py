@@ -182,7 +182,7 @@ def learn_masks(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                info["loss"] = float(loss)
+                info["loss"] = float(loss.detach())
     finally:
         for p, f in flags:
             p.requires_grad_(f)

@@ -25,8 +25,8 @@ from torch import Tensor
 
 __all__ = ["check_bits", "qparams", "fake_quant", "minmax_range", "mse_shrink", "mse_range", "SHRINK_GRID"]
 
-#: shrink factors tried by :func:`mse_range`: the range ``[a lo, a hi]`` for ``a`` = 1.00, 0.99, ..., 0.20
-SHRINK_GRID = tuple(round(1 - 0.01 * i, 2) for i in range(81))
+#: shrink factors tried by :func:`mse_range`: the range ``[a lo, a hi]`` for ``a`` = 1.00, 0.98, ..., 0.20
+SHRINK_GRID = tuple(round(1 - 0.02 * i, 2) for i in range(41))
 
 
 def check_bits(bits, name: str = "bits", *, allow_none: bool = False) -> None:

@@ -105,6 +105,12 @@ def test_bad_configs_raise_errors_that_say_what_to_do(tiny_unet, gen):
         apply_quantization(tiny_unet, QuantConfig(8, 8))
     with pytest.raises(ValueError, match="matches no"):
         apply_quantization(tiny_unet, QuantConfig(8, None, skip=("not_a_layer",)))
+    with pytest.raises(ValueError, match="matches no"):
+        apply_quantization(tiny_unet, QuantConfig(8, None, layers=("up_blocks.*.conv_shorcut",)))
+    with pytest.raises(ValueError, match="patterns"):
+        QuantConfig(layers=())
+    with apply_quantization(tiny_unet, QuantConfig(8, None, layers=("up_blocks.*",), skip=("*conv_shortcut",))) as h:
+        assert h.layers and all(n.startswith("up_blocks.") and "conv_shortcut" not in n for n in h.layers)
     with pytest.raises(TypeError, match="generator"):
         calib(tiny_unet, None, scheme="normal")
     with pytest.raises(ValueError, match="Q-Diffusion"):
