@@ -12,3 +12,9 @@ from .quant_calibration import calibration_set
 from .quest import quest_finetune
 from .pruning import LayerPruneConfig, apply_layer_pruning, distill_pruned, prunable_units, select_units, unit_scores
 from .pruning_masks import apply_masks, learn_masks, sliced_copy, threshold_masks
+from .early_exit import (EarlyExitConfig, ExitHeads, apply_early_exit, build_exit_heads, exit_heads_for, load_exit_heads,
+                         train_exit_heads)
+from .linear_attention import (LinearAttentionConfig, apply_linear_attention, build_linear_attention, cost_curve,
+                               distill_linear_attention, linear_attention_for, load_linear_attention)
+from .tiling import seam_score, tiled
+from .frontier import Family, Frontier, Stack, pareto_front

@@ -158,7 +158,8 @@ class EarlyExitConfig:
     (``u`` approximates ``tanh`` of the exit's mean absolute error against the full model); ``0`` never exits (a
     no-op, bit-identical to the model). ``min_depth``: the earliest block after which a sample may leave
     (1 .. n_layers - 1). ``per_sample``: each sample leaves on its own (the batch shrinks block by block); with
-    ``False`` the whole batch leaves together when the batch-mean uncertainty is below the threshold.
+    ``False`` the whole batch leaves together when the batch-mean uncertainty is below the threshold (needed together
+    with diffusers' caching hooks, which store per-module outputs of the whole batch).
     """
 
     heads: ExitHeads
@@ -226,6 +227,11 @@ def _exit_forward(model: nn.Module, cfg: EarlyExitConfig, stats: dict, hidden_st
         if not bool(leave.any()):
             continue
         if out is None:
+            if cfg.per_sample and b > 1 and any(getattr(m, "_diffusers_hook", None) is not None
+                                                for m in blocks.modules()):
+                raise RuntimeError("per-sample early exit shrinks the batch inside the network, which diffusers' "
+                                   "caching hooks on the blocks (TaylorSeer, FirstBlockCache, ...) cannot follow; "
+                                   "use EarlyExitConfig(..., per_sample=False) together with them")
             out = h.new_zeros(b, h.shape[1], heads.out)
             active = torch.arange(b, device=h.device)
             t_act, y_act = _batch(t_act, b), _batch(y_act, b)

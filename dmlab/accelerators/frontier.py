@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Stack", "Family", "Frontier", "composed", "run_with_flops", "pareto_front", "select", "explorer",
-           "SAMPLERS", "KNOBS"]
+           "plot_frontiers", "fd_spread", "SAMPLERS", "KNOBS"]
 
 KNOBS = ("sampler", "steps", "cache", "stitch", "exit", "linear", "wbits")
 
@@ -62,7 +62,8 @@ class Stack:
     """A sampler with ``steps`` steps and accelerators composed on top (see the module docstring for the papers).
 
     ``cache``: caching interval (1 = off); ``stitch``: fraction of the steps on the small model (0 = off);
-    ``exit``: early-exit threshold (0 = off; DiT); ``linear``: linear attention (DiT); ``wbits``: weight bits of
+    ``exit``: early-exit threshold (0 = off; DiT; per sample, or per batch when ``cache > 1``, because diffusers'
+    transformer caches store whole-batch outputs); ``linear``: linear attention (DiT); ``wbits``: weight bits of
     fake quantization (None = float).
     """
 
@@ -191,8 +192,9 @@ def composed(stack: Stack, family: Family, sigmas: Tensor) -> Iterator[tuple[Cal
         if stack.exit > 0:
             from .early_exit import EarlyExitConfig, apply_early_exit
 
-            handles["exit"] = es.enter_context(apply_early_exit(net_l, EarlyExitConfig(family.exit_heads,
-                                                                                      stack.exit)))
+            per_sample = stack.cache == 1  # diffusers' caches store whole-batch outputs: exit batch-wise with them
+            handles["exit"] = es.enter_context(apply_early_exit(net_l, EarlyExitConfig(
+                family.exit_heads, stack.exit, per_sample=per_sample)))
         if stack.cache > 1:
             if family.kind == "unet":
                 from .caching import DeepCacheConfig, apply_deepcache
@@ -211,12 +213,14 @@ def composed(stack: Stack, family: Family, sigmas: Tensor) -> Iterator[tuple[Cal
         yield d, handles
 
 
-def pareto_front(rows: Sequence[dict], x: str = "flop_speedup", y: str = "fd") -> list[dict]:
-    """The rows no other row beats on both ``x`` (larger is better) and ``y`` (smaller is better), sorted by ``x``."""
-    pts = [r for r in rows if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))
-           and math.isfinite(r[x]) and math.isfinite(r[y])]
-    front = [r for r in pts if not any((o[x] >= r[x] and o[y] <= r[y]) and (o[x] > r[x] or o[y] < r[y])
-                                       for o in pts)]
+def pareto_front(rows: Sequence[dict], x: str = "flop_speedup", y: str = "fd", *,
+                 larger_y_better: bool = False) -> list[dict]:
+    """The rows no other row beats on both ``x`` (larger is better) and ``y`` (smaller is better, or larger with
+    ``larger_y_better``, e.g. PSNR), sorted by ``x``; rows with a non-finite ``x`` or ``y`` are ignored."""
+    sgn = -1.0 if larger_y_better else 1.0
+    pts = [(r[x], sgn * r[y], r) for r in rows if isinstance(r.get(x), (int, float))
+           and isinstance(r.get(y), (int, float)) and math.isfinite(r[x]) and math.isfinite(r[y])]
+    front = [r for a, b, r in pts if not any((a2 >= a and b2 <= b) and (a2 > a or b2 < b) for a2, b2, _ in pts)]
     return sorted(front, key=lambda r: r[x])
 
 
@@ -283,7 +287,8 @@ class Frontier:
                             name=f"same sampler, fewer steps, matched FLOPs ({s.label})")
 
     def pareto(self, x: str = "flop_speedup", y: str = "fd") -> list[dict]:
-        return pareto_front(self.rows, x, y)
+        """The Pareto front of the rows (``y == "psnr"`` counts larger as better)."""
+        return pareto_front(self.rows, x, y, larger_y_better=(y == "psnr"))
 
     def table(self, columns: Sequence[str] = ("flop_speedup", "fd", "fd_increase", "acc", "psnr"), *,
               digits: int = 3, rows: Sequence[dict] | None = None) -> str:
@@ -291,38 +296,83 @@ class Frontier:
 
         return format_table(list(rows if rows is not None else self.rows), ["configuration", *columns], digits=digits)
 
-    def figure(self, x: str = "flop_speedup", y: str = "fd", *, target: tuple[float, float] | None = None,
-               figsize=(7.0, 4.2), title: str = "", highlight: dict | None = None, logx: bool = True):
-        """Quality ``y`` against ``x`` for every row, one colour per group, the Pareto front as a line; ``target``
-        = ``(x_min, y_max)`` shades the region a target asks for; ``highlight`` circles one row."""
-        import matplotlib.pyplot as plt
+    def figure(self, x: str = "flop_speedup", y: str = "fd", **kw):
+        """This frontier alone on a plot (see :func:`plot_frontiers` for the options)."""
+        return plot_frontiers({"": self}, x, y, **kw)
 
+
+# ----------------------------------------------------------------------------------------------- reading
+def fd_spread(x: Tensor, ref: Tensor | None = None, *, classifier, generator: torch.Generator,
+              reps: int = 30) -> float:
+    """Bootstrap standard deviation of digits-FD of samples ``x`` (``reps`` resamples drawn with ``generator``), or,
+    given ``ref`` (samples from the same noise and labels, e.g. the reference stack's), of the *difference*
+    ``FD(x) - FD(ref)`` with both resampled at the same indices (a paired bootstrap: the two share their noise, so
+    their difference is far less noisy than either FD). The size of FD differences sampling noise alone produces
+    at this ``n``; resampling with replacement biases each FD upwards a little, so read it as a scale."""
+    from .. import metrics
+    from ..data import load_digits
+
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
+    if ref is not None and ref.shape != x.shape:
+        raise ValueError(f"ref must have the shape of x, got {tuple(ref.shape)} and {tuple(x.shape)}")
+    f = metrics.digits_features(x.clamp(-1, 1), classifier)
+    g = metrics.digits_features(ref.clamp(-1, 1), classifier) if ref is not None else None
+    test = metrics.digits_features(load_digits("test")[0], classifier)
+    vals = []
+    for _ in range(reps):
+        i = torch.randint(0, len(f), (len(f),), generator=generator)
+        v = metrics.frechet_distance(f[i], test)
+        vals.append(v - metrics.frechet_distance(g[i], test) if g is not None else v)
+    return float(torch.tensor(vals).std())
+
+
+def plot_frontiers(frontiers: dict, x: str = "flop_speedup", y: str = "fd", *, target: tuple | None = None,
+                   figsize=(7.5, 4.4), title: str = "", logx: bool = True, ax=None, highlight: dict | None = None):
+    """Several :class:`Frontier` objects (``{family name: Frontier}``) on one axes: one marker per family, one
+    colour per group of methods, a dashed Pareto front per family; ``target = (x_min, y_max)`` draws the target's
+    corner (``y_max`` may be None), ``highlight`` circles one row. Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
         fig, ax = plt.subplots(figsize=figsize, dpi=90)
-        groups: dict = {}
-        for r in self.rows:
-            if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float)):
-                groups.setdefault(r["group"], []).append(r)
-        for g, rs in sorted(groups.items()):
-            marker = "*" if g == "reference" else ("s" if g.startswith("same sampler") or g == "steps only" else "o")
-            ax.plot([r[x] for r in rs], [r[y] for r in rs], marker, ms=9 if marker == "*" else 6, ls="", label=g,
-                    alpha=0.85)
-        front = self.pareto(x, y)
-        ax.plot([r[x] for r in front], [r[y] for r in front], "k--", lw=1, label="Pareto front")
-        if target is not None:
-            ax.axvspan(target[0], ax.get_xlim()[1] * 1.5, ymax=1, color="g", alpha=0.06)
+    else:
+        fig = ax.figure
+    markers = ["o", "^", "s", "D"]
+    groups = sorted({r["group"] for f in frontiers.values() for r in f.rows})
+    colour = {g: f"C{i % 10}" for i, g in enumerate(groups)}
+    for k, (fam, f) in enumerate(frontiers.items()):
+        tag = f"{fam}: " if fam else ""
+        for g in groups:
+            rs = [r for r in f.rows if r["group"] == g and math.isfinite(r.get(y, math.nan))]
+            if rs:
+                ax.plot([r[x] for r in rs], [r[y] for r in rs], markers[k % 4], color=colour[g], ms=6, ls="",
+                        alpha=0.85, label=f"{tag}{g}")
+        front = pareto_front(f.rows, x, y, larger_y_better=(y == "psnr"))
+        ax.plot([r[x] for r in front], [r[y] for r in front], "--", color="k" if k == 0 else "gray", lw=1,
+                label=f"{tag}Pareto front")
+    if target is not None:
+        ax.axvline(target[0], color="g", lw=0.8, ls=":")
+        if target[1] is not None:
             ax.axhline(target[1], color="g", lw=0.8, ls=":")
-            ax.axvline(target[0], color="g", lw=0.8, ls=":")
-        if highlight is not None:
-            ax.plot([highlight[x]], [highlight[y]], "o", ms=16, mfc="none", mec="r", mew=2)
-        if logx:
-            ax.set_xscale("log")
-        ax.set_xlabel({"flop_speedup": "FLOP speed-up over the reference (log)"}.get(x, x))
-        ax.set_ylabel({"fd": "digits-FD (lower is better)"}.get(y, y))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5, loc="upper left", ncol=2)
-        ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        return fig
+    if highlight is not None and math.isfinite(highlight.get(y, math.nan)):
+        ax.plot([highlight[x]], [highlight[y]], "o", ms=16, mfc="none", mec="r", mew=2)
+    if logx:
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+        ax.set_xscale("log")
+        lo, hi = ax.get_xlim()
+        ax.xaxis.set_major_locator(FixedLocator([v for v in (1, 1.5, 2, 3, 5, 7, 10, 15, 20, 30, 50, 100)
+                                                 if lo <= v <= hi]))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel({"flop_speedup": "FLOP speed-up over the reference (log)"}.get(x, x))
+    ax.set_ylabel({"fd": "digits-FD (lower is better)", "psnr": "PSNR to the reference, dB"}.get(y, y))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best", ncol=2)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 # ----------------------------------------------------------------------------------------------- explorer
@@ -338,26 +388,29 @@ def _fmt_knob(v) -> str:
     return "off" if v is None or v is False else ("on" if v is True else f"{v:g}" if isinstance(v, float) else str(v))
 
 
-def explorer(frontier: Frontier, knobs: Sequence[str] = KNOBS, *, x: str = "flop_speedup", y: str = "fd",
+def explorer(frontiers, knobs: Sequence[str] = KNOBS, *, x: str = "flop_speedup", y: str = "fd",
              n_show: int = 10):
-    """An ipywidgets explorer of a measured :class:`Frontier`: one dropdown per knob that varies across its rows;
-    the chosen stack is circled on the frontier plot, with its numbers and ``n_show`` of its samples. Only stacks
-    that were measured can be shown (the widget looks rows up, it does not sample), so it also works from stored
-    widget state. Works with ipywidgets 7 and 8."""
+    """An ipywidgets explorer of measured frontiers (one :class:`Frontier`, or ``{family name: Frontier}``): one
+    dropdown per knob that varies across the rows (and one for the family); the chosen stack is circled on the
+    frontier plot, with its numbers and ``n_show`` of its samples. It looks measured rows up and never samples, so
+    it also works from stored widget state; an unmeasured combination says so. Works with ipywidgets 7 and 8 (only
+    ``Dropdown``, ``HTML``, ``Output``, ``HBox``/``VBox`` and ``observe`` are used)."""
     import ipywidgets as W
     import matplotlib.pyplot as plt
     from IPython.display import clear_output, display
 
-    rows = [r for r in frontier.rows if not r["group"].startswith("same sampler")]
-    if not rows:
-        raise ValueError("the frontier has no rows yet; measure some stacks first (frontier.measure(Stack(...)))")
+    fams = frontiers if isinstance(frontiers, dict) else {"": frontiers}
+    if not fams or not all(isinstance(f, Frontier) for f in fams.values()):
+        raise TypeError("frontiers must be a Frontier or a dict {family name: Frontier}")
     unknown = [k for k in knobs if k not in KNOBS]
     if unknown:
         raise ValueError(f"unknown knobs {unknown}; choose from {KNOBS}")
-    varying = [k for k in knobs if len({repr(r[k]) for r in rows}) > 1]
-    start = frontier.ref if frontier.ref in rows else rows[0]
+    rows = [{**r, "family": name} for name, f in fams.items() for r in f.rows
+            if not r["group"].startswith("same sampler")]
+    keys = (["family"] if len(fams) > 1 else []) + [k for k in knobs if len({repr(r[k]) for r in rows}) > 1]
+    start = {**next(iter(fams.values())).ref, "family": next(iter(fams))}
     menus = {}
-    for k in varying:
+    for k in keys:
         vals = sorted({r[k] for r in rows}, key=lambda v: (v is not None, v if not isinstance(v, str) else 0, str(v)))
         menus[k] = W.Dropdown(options=[(_fmt_knob(v), v) for v in vals], value=start[k], description=k)
     out = W.Output()
@@ -368,12 +421,13 @@ def explorer(frontier: Frontier, knobs: Sequence[str] = KNOBS, *, x: str = "flop
         with out:
             clear_output(wait=True)
             if r is None:
-                info.value = "<b>not measured</b> - pick another combination (only measured stacks are stored)"
+                info.value = "<b>not measured</b>: pick another combination (only measured stacks are stored)"
                 return
-            info.value = (f"<b>{r['configuration']}</b><br>FLOP speed-up {r['flop_speedup']:.2f}x, "
-                          f"digits-FD {r.get('fd', math.nan):.2f}, accuracy {r.get('acc', math.nan):.3f}, "
-                          f"PSNR to reference {r['psnr']:.1f} dB")
-            fig = frontier.figure(x, y, highlight=r, figsize=(6.0, 3.6), title=r["configuration"])
+            info.value = (f"<b>{(r['family'] + ': ') if r['family'] else ''}{r['configuration']}</b><br>"
+                          f"FLOP speed-up {r['flop_speedup']:.2f}x, digits-FD {r.get('fd', math.nan):.2f}, "
+                          f"accuracy {r.get('acc', math.nan):.3f}, PSNR to reference {r['psnr']:.1f} dB")
+            fig = plot_frontiers({n: f for n, f in fams.items() if n == r["family"]}, x, y, highlight=r,
+                                 figsize=(6.0, 3.6), title=r["configuration"])
             display(fig)
             plt.close(fig)
             from .. import viz

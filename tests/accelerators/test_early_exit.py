@@ -214,3 +214,16 @@ def test_save_and_load_round_trip(tmp_path):
         load_exit_heads("dit_x_exit", root=tmp_path)
     with pytest.raises(FileNotFoundError, match="train"):
         load_exit_heads("nope", root=tmp_path)
+
+
+def test_per_sample_exit_refuses_diffusers_caches_batch_exit_composes(model, heads):
+    from dmlab.accelerators import apply_taylorseer
+
+    set_uem_bias(heads, -5.0)
+    with apply_taylorseer(model, interval=2):
+        with apply_early_exit(model, EarlyExitConfig(heads, 0.1, min_depth=2)):
+            with pytest.raises(RuntimeError, match="per_sample=False"):
+                run(model, n=2)
+        with apply_early_exit(model, EarlyExitConfig(heads, 0.1, min_depth=2, per_sample=False)) as h:
+            out = run(model, n=2)
+    assert torch.isfinite(out).all() and h.stats["depth_counts"] == [0, 10, 0, 0]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dmlab.accelerators.early_exit import exit_heads_for
-from dmlab.accelerators.frontier import (Family, Frontier, Stack, composed, explorer, pareto_front, run_with_flops,
-                                         select)
+from dmlab.accelerators.frontier import (Family, Frontier, Stack, composed, explorer, fd_spread, pareto_front,
+                                         run_with_flops, select)
 from dmlab.accelerators.handle import active_methods
 from dmlab.accelerators.linear_attention import linear_attention_for
 from dmlab.bench import count_flops
@@ -102,6 +102,9 @@ def test_pareto_front():
     rows = [{"configuration": c, "s": s, "q": q} for c, s, q in
             [("a", 1, 1.0), ("b", 2, 1.5), ("c", 2, 2.0), ("d", 4, 1.4), ("e", 8, 3.0), ("f", 3, math.nan)]]
     assert [r["configuration"] for r in pareto_front(rows, "s", "q")] == ["a", "d", "e"]
+    psnr = [{"configuration": c, "s": s, "p": p} for c, s, p in
+            [("ref", 1, math.inf), ("a", 2, 30.0), ("b", 2, 25.0), ("c", 4, 28.0), ("d", 8, 20.0), ("e", 6, 19.0)]]
+    assert [r["configuration"] for r in pareto_front(psnr, "s", "p", larger_y_better=True)] == ["a", "c", "d"]
 
 
 def test_select_and_explorer(unet_family):
@@ -119,3 +122,20 @@ def test_select_and_explorer(unet_family):
     assert "not measured" in w.children[0].children[-1].value
     with pytest.raises(ValueError, match="unknown knobs"):
         explorer(fr, knobs=("colour",))
+    w2 = explorer({"a": fr, "b": fr})  # several families: a family menu comes first
+    assert w2.children[0].children[0].description == "family"
+    fig = fr.figure("flop_speedup", "psnr", target=(2, None), highlight=fr.rows[1])
+    assert len(fig.axes) == 1
+
+
+def test_fd_spread_is_paired(unet_family):
+    from dmlab import zoo
+
+    clf = zoo.load("classifier")
+    x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    g = torch.Generator().manual_seed(1)
+    alone = fd_spread(x, classifier=clf, generator=g, reps=8)
+    paired = fd_spread(x + 0.01, x, classifier=clf, generator=g, reps=8)
+    assert alone > 0 and 0 <= paired < alone  # a tiny change has a tiny, well-determined FD difference
+    with pytest.raises(ValueError, match="shape"):
+        fd_spread(x, x[:10], classifier=clf, generator=g)
