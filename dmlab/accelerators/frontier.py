@@ -230,7 +230,8 @@ class Frontier:
 
     Rows (``frontier.rows``): ``configuration`` (the stack's label), ``group`` (the methods switched on, or
     ``"steps only"``), the knobs, ``flops`` (GFLOP per sample), ``flop_speedup`` (reference FLOPs / these), ``fd``,
-    ``fd_increase`` (relative to the reference), ``acc``, ``psnr`` and ``samples``.
+    ``fd_increase`` (relative to the reference), ``acc``, ``psnr``, ``samples``; with early exit also
+    ``mean_depth`` and ``per_call`` (the exit handle's stats), with quantization ``mbytes`` (model megabytes).
     """
 
     def __init__(self, family: Family, labels: Tensor, *, generator: torch.Generator, classifier=None,

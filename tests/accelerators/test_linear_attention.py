@@ -164,6 +164,8 @@ def test_sd_unet_self_attention_is_found():
             out = u(x, 10, **kw).sample
         assert torch.equal(u(x, 10, **kw).sample, base)
     assert h.stats["linear_calls"] == len(names) and out.shape == base.shape
+    rows = cost_curve(u, mods, [8, 16], **kw)  # the full-scale chapter's path: a UNet2DConditionModel on meta
+    assert rows[1]["flops_softmax"] > rows[0]["flops_softmax"] > 0 and rows[0]["tokens"] == 64
 
 
 def test_distillation_moves_towards_the_teacher():
