@@ -301,6 +301,7 @@ def distill_pruned(handle: LayerPruneHandle, teacher: nn.Module, x0: Tensor, *, 
     restore_active = set(units)
     handle.on_remove(lambda: (handle.active.clear(), handle.active.update(restore_active)))
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    dev, dt = next(student.parameters()).device, next(student.parameters()).dtype
     fs, ft = {}, {}
     hooks = _capture(student, feats, fs) + _capture(teacher, feats, ft)
     losses = []
@@ -312,8 +313,9 @@ def distill_pruned(handle: LayerPruneHandle, teacher: nn.Module, x0: Tensor, *, 
             t = torch.randint(len(ac), (batch_size,), generator=generator)
             eps = torch.randn(x0[idx].shape, generator=generator)
             a = ac[t].reshape(-1, *([1] * (x0.ndim - 1)))
-            xt = a.sqrt() * x0[idx] + (1 - a).sqrt() * eps
-            kw = {k: (v[idx] if isinstance(v, Tensor) and v.shape[:1] == x0.shape[:1] else v) for k, v in cond.items()}
+            xt = (a.sqrt() * x0[idx] + (1 - a).sqrt() * eps).to(dev, dt)
+            eps, t = eps.to(dev), t.to(dev)
+            kw = {k: (v[idx].to(dev) if isinstance(v, Tensor) and v.shape[:1] == x0.shape[:1] else v) for k, v in cond.items()}
             with torch.no_grad():
                 out_t = net_output(teacher(xt, timestep=t, **kw))[:, : x0.shape[1]]
             with torch.enable_grad():

@@ -86,7 +86,7 @@ def apply_masks(model_or_pipeline, masks: dict[str, Tensor]) -> Handle:
         def pre(mod, args, s=s, g=g):
             x, v = args[0], masks[s]  # read at every call: a learner may update the dict's tensors
             shape = x.shape
-            y = (x.reshape(*shape[:-1], g, shape[-1] // g) * v.to(x.dtype)[:, None]).reshape(shape)
+            y = (x.reshape(*shape[:-1], g, shape[-1] // g) * v.to(x.device, x.dtype)[:, None]).reshape(shape)
             return (y, *args[1:])
         hk = mods[sites[s]["target"]].register_forward_pre_hook(pre)
         h.on_remove(hk.remove)
@@ -143,7 +143,8 @@ def learn_masks(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
     all_sites = mask_sites(net)
     names = list(all_sites) if sites is None else list(sites)
     cond = dict(cond or {})
-    logits = {s: torch.full((all_sites[s]["groups"],), 3.0, requires_grad=True) for s in names}
+    dev = next(net.parameters()).device
+    logits = {s: torch.full((all_sites[s]["groups"],), 3.0, device=dev, requires_grad=True) for s in names}
     flags = [(p, p.requires_grad) for p in net.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
@@ -186,7 +187,7 @@ def learn_masks(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-    return {s: torch.sigmoid(v.detach()) for s, v in logits.items()}, info
+    return {s: torch.sigmoid(v.detach()).cpu() for s, v in logits.items()}, info
 
 
 class _null:
@@ -207,6 +208,7 @@ def sliced_copy(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
     mods[""] = net
 
     def cut(lin: nn.Linear, idx: Tensor, dim: int) -> nn.Linear:
+        idx = idx.to(lin.weight.device)
         w = lin.weight.index_select(dim, idx)
         new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, dtype=w.dtype, device=w.device)
         new.weight.copy_(w)
