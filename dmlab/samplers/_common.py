@@ -6,23 +6,26 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..schedules import check_schedule
+from ..schedules import schedule_floats
 
 
-def prepare(denoiser: Callable, x: Tensor, sigmas: Tensor, cond: dict | None, generator, *, min_steps: int = 1):
-    """Validate the shared arguments; return ``(sigmas on x's device/dtype, cond dict)``."""
+def prepare(denoiser: Callable, x: Tensor, sigmas: Tensor, cond: dict | None, generator, *, min_steps: int = 1,
+            floats: bool = False):
+    """Validate the shared arguments; return ``(sigmas on x's device/dtype, cond dict)``, and with ``floats`` also the
+    schedule as a list of Python floats (for step arithmetic and branching without tensor ops)."""
     if not callable(denoiser):
         raise TypeError("denoiser must be callable: D(x, sigma[B], **cond) -> x0_hat (see dmlab.denoisers)")
     if not isinstance(x, Tensor) or x.ndim < 1:
         raise TypeError("x must be a torch.Tensor of shape [B, ...] (the starting noise times sigmas[0])")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be floating point, got {x.dtype}")
-    check_schedule(sigmas, min_steps=min_steps)
+    lst = schedule_floats(sigmas, min_steps=min_steps)
     if cond is not None and not isinstance(cond, dict):
         raise TypeError("cond must be a dict of keyword arguments for the denoiser, e.g. {'class_labels': y}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
-    return sigmas.to(device=x.device, dtype=x.dtype), dict(cond or {})
+    out = sigmas.to(device=x.device, dtype=x.dtype), dict(cond or {})
+    return (*out, lst) if floats else out
 
 
 def call(denoiser: Callable, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import report
+from ._common import prepare, report
 
 KINDS = ("x", "d", "e")
 
@@ -146,47 +146,13 @@ def run_plan(plan: Plan, denoiser: Callable, x: Tensor, sigmas: Tensor, cond: di
     return x
 
 
-def checked_list(sigmas) -> list:
-    """The schedule as a list of floats, validated as :func:`dmlab.schedules.check_schedule` does (same messages),
-    in plain Python: one tensor op instead of a dozen, which is most of a fast sampler's fixed cost."""
-    if not isinstance(sigmas, Tensor):
-        raise TypeError(f"sigmas must be a torch.Tensor (e.g. dmlab.schedules.karras(10)), got {type(sigmas).__name__}")
-    if sigmas.ndim != 1:
-        raise ValueError(f"sigmas must be a 1-D tensor [n_steps + 1], got shape {tuple(sigmas.shape)}")
-    lst = sigmas.detach().to("cpu", torch.float64).tolist()
-    if len(lst) < 2:
-        raise ValueError(f"sigmas has {len(lst) - 1} step(s); this sampler needs at least 1 "
-                         "(pass a longer schedule, e.g. dmlab.schedules.karras(2))")
-    if not all(math.isfinite(v) for v in lst):
-        raise ValueError("sigmas must be finite")
-    if lst[-1] != 0:
-        raise ValueError("sigmas must end in 0; use dmlab.schedules.append_zero(sigmas)")
-    if min(lst) < 0:
-        raise ValueError("sigmas must be non-negative (sigma is a noise standard deviation)")
-    if any(b >= a for a, b in zip(lst, lst[1:])):
-        raise ValueError("sigmas must be strictly decreasing (from sigma_max down to 0); reverse it with .flip(0)")
-    return lst
-
-
 def sample_plan(builder: Callable, denoiser: Callable, x: Tensor, sigmas: Tensor, cond, generator, callback,
                 **options) -> Tensor:
     """Validate, build ``builder(list_of_sigmas, **options)`` and run it: the body of every plan-based sampler.
 
     The builder validates its options (and the number of steps its order needs) before anything is evaluated.
     """
-    if not callable(denoiser):
-        raise TypeError("denoiser must be callable: D(x, sigma[B], **cond) -> x0_hat (see dmlab.denoisers)")
-    if not isinstance(x, Tensor) or x.ndim < 1:
-        raise TypeError("x must be a torch.Tensor of shape [B, ...] (the starting noise times sigmas[0])")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be floating point, got {x.dtype}")
-    lst = checked_list(sigmas)
-    if cond is not None and not isinstance(cond, dict):
-        raise TypeError("cond must be a dict of keyword arguments for the denoiser, e.g. {'class_labels': y}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
-    cond = dict(cond or {})
-    sig = sigmas.to(device=x.device, dtype=x.dtype)
+    sig, cond, lst = prepare(denoiser, x, sigmas, cond, generator, floats=True)
     plan = builder(lst, **options)
     with torch.no_grad():
         return run_plan(plan, denoiser, x, sig, cond, callback)

@@ -21,8 +21,8 @@ def sample_euler(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | 
     One NFE per step (``nfe = n_steps``); the last step lands on ``D(x, sigma_last)`` exactly. ``generator`` is
     accepted for the shared signature and unused (the sampler is deterministic).
     """
-    sigmas, cond = prepare(denoiser, x, sigmas, cond, generator)
-    sig, batch = sigmas.tolist(), sigmas[:, None].expand(-1, x.shape[0])  # floats for the arithmetic, [B] for D
+    sigmas, cond, sig = prepare(denoiser, x, sigmas, cond, generator, floats=True)  # sig: floats for the arithmetic
+    batch = sigmas[:, None].expand(-1, x.shape[0])  # [B] sigmas for the denoiser
     for i in range(len(sig) - 1):
         denoised = denoiser(x, batch[i], **cond)
         report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
@@ -37,8 +37,8 @@ def sample_heun(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
 
     ``nfe = 2 n_steps - 1``: the final step to ``sigma = 0`` is a plain Euler step. The model is never evaluated at 0.
     """
-    sigmas, cond = prepare(denoiser, x, sigmas, cond, generator)
-    sig, batch = sigmas.tolist(), sigmas[:, None].expand(-1, x.shape[0])  # floats for the arithmetic, [B] for D
+    sigmas, cond, sig = prepare(denoiser, x, sigmas, cond, generator, floats=True)  # sig: floats for the arithmetic
+    batch = sigmas[:, None].expand(-1, x.shape[0])  # [B] sigmas for the denoiser
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         denoised = denoiser(x, batch[i], **cond)
