@@ -25,3 +25,14 @@ def smooth_gmm():
     means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
     covs = torch.stack([torch.tensor([[0.3, 0.05], [0.05, 0.2]]), 0.4 * torch.eye(2), 0.25 * torch.eye(2)]).double()
     return GMMDenoiser(torch.tensor([0.3, 0.3, 0.4]), means, covs)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """A config-built, randomly initialised diffusers UNet2DModel on 8x8 single-channel images (seeded)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8).eval()

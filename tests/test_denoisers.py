@@ -44,14 +44,10 @@ def test_from_scheduler_reads_config():
         DiscreteVPDenoiser(lambda x, timestep: x, AC, "eps")
 
 
-def test_ddim_is_euler_on_a_diffusers_unet(gen):
+def test_ddim_is_euler_on_a_diffusers_unet(unet, gen):
     """DDIM (eta = 0) on a config-built diffusers UNet equals dmlab's Euler on the adapted denoiser."""
-    from diffusers import DDIMScheduler, UNet2DModel
+    from diffusers import DDIMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8).eval()
     sch = DDIMScheduler(set_alpha_to_one=True, clip_sample=False)
     sch.set_timesteps(10)
     noise = torch.randn(2, 1, 8, 8, generator=gen)

@@ -19,16 +19,6 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def unet():
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8).eval()
-
-
-@pytest.fixture(scope="module")
 def noise():
     return torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
