@@ -50,13 +50,13 @@ def bcast(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def _net_output(out) -> Tensor:
-    """The tensor in a network's return value (diffusers returns an output object with ``.sample``, or a tuple)."""
+def net_output(out) -> Tensor:
+    """The tensor in a network's return value: ``.sample`` of a diffusers output, the first element of a tuple."""
     if isinstance(out, Tensor):
         return out
     if hasattr(out, "sample"):
         return out.sample
-    if isinstance(out, (tuple, list)):
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
     raise TypeError(f"cannot read a tensor from a network output of type {type(out).__name__}")
 
@@ -87,7 +87,7 @@ class EDMPrecond:
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
         sigma = as_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        F = _net_output(self.net(bcast(c_in, x) * x, c_noise, **cond))
+        F = net_output(self.net(bcast(c_in, x) * x, c_noise, **cond))
         return bcast(c_skip, x) * x + bcast(c_out, x) * F.to(x.dtype)
 
 
@@ -161,7 +161,7 @@ class DiscreteVPDenoiser:
         dt = self._dtype(x)
         # timesteps stay float32 (or float64) even for half-precision models: fp16 cannot hold 999.5
         t = self.sigma_to_t(sigma).to(device=x.device, dtype=torch.float64 if dt == torch.float64 else torch.float32)
-        out = _net_output(self.model(x_vp.to(dt), timestep=t, **cond))
+        out = net_output(self.model(x_vp.to(dt), timestep=t, **cond))
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
         out = out.to(x.dtype)
@@ -190,7 +190,7 @@ class FlowDenoiser:
         sigma = as_sigma(sigma, x)
         t = sigma / (1 + sigma)
         x_t = bcast(1 - t, x) * x
-        v = _net_output(self.model(x_t, timestep=t * self.time_scale, **cond)).to(x.dtype)
+        v = net_output(self.model(x_t, timestep=t * self.time_scale, **cond)).to(x.dtype)
         return x_t - bcast(t, x) * v
 
 

@@ -128,3 +128,16 @@ def test_as_sigma_errors():
         as_sigma(-0.1, x)
     with pytest.raises(TypeError, match="torch.Tensor"):
         as_sigma(0.1, [1.0])
+
+
+def test_net_output_reads_diffusers_returns():
+    from types import SimpleNamespace
+
+    from dmlab.accelerators.finetune import net_output as reexported
+    from dmlab.denoisers import net_output
+
+    t = torch.ones(2)
+    assert net_output(t) is t and net_output(SimpleNamespace(sample=t)) is t and net_output((t, None)) is t
+    assert reexported is net_output
+    with pytest.raises(TypeError, match="cannot read a tensor"):
+        net_output(("not a tensor",))

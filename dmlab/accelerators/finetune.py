@@ -14,20 +14,10 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from ..denoisers import net_output  # re-exported: one reader of diffusers outputs
 from .handle import Handle
 
 __all__ = ["protect_parameters", "select_parameters", "net_output"]
-
-
-def net_output(out) -> Tensor:
-    """The tensor in a network's return value (``.sample`` of a diffusers output, the first element of a tuple)."""
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(f"cannot read a tensor from a network output of type {type(out).__name__}")
 
 
 def select_parameters(model: nn.Module, patterns: Iterable[str]) -> dict[str, nn.Parameter]:

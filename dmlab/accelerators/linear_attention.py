@@ -218,7 +218,7 @@ def distill_linear_attention(model: Any, modules: LinearAttentionModules, x0: Te
         raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
     if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"steps and batch_size must be ints >= 1, got {steps!r}, {batch_size!r}")
-    from ..denoisers import _net_output
+    from ..denoisers import net_output as _net_output
 
     mods = dict(model.named_modules())
     ac = (1 / (1 + sigmas_train.detach().double().cpu() ** 2)).float()
