@@ -7,6 +7,9 @@ Gaussian-mixture metrics.
   zoo's digit classifier, against the held-out test digits; the *floor* is the same statistic between real train
   digits and the test digits at the same sample size, the value a perfect generator would get. Always print both
   (FD is biased upwards at small n, so only numbers at equal n compare).
+* :func:`kid` -- kernel inception distance in the same features (Bińkowski et al. 2018): unbiased at small ``n``, so
+  it keeps discriminating where FD sits below its floor; :func:`digits_real_like` draws the real digits with the
+  same ``n`` and class balance as a generated set, for the floor computed exactly like the samples.
 * :func:`class_accuracy` -- the classifier's accuracy on generated samples against the labels asked for.
 * :func:`mmd` -- unbiased squared maximum mean discrepancy with a sum of RBF kernels (Gretton et al. 2012).
 * :func:`mse`, :func:`psnr` -- fidelity of a sample to a baseline sample from the same noise.
@@ -23,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["frechet_distance", "feature_stats", "digits_features", "digits_fd", "digits_fd_floor",
+__all__ = ["frechet_distance", "feature_stats", "digits_features", "digits_fd", "digits_fd_floor", "kid", "digits_real_like",
            "class_accuracy", "mmd", "mse", "psnr", "pck", "gmm_log_prob", "gmm_nll", "gmm_mode_stats", "gmm_kl"]
 
 
@@ -124,6 +127,49 @@ def digits_fd_floor(n: int, *, generator: torch.Generator, classifier=None, repe
     vals = [frechet_distance(feats[torch.randperm(xtr.shape[0], generator=generator)[:n]], ref)
             for _ in range(repeats)]
     return sum(vals) / len(vals)
+
+
+def kid(a: Tensor, b: Tensor) -> float:
+    """Kernel inception distance: the unbiased squared MMD between feature sets ``a [N, D]`` and ``b [M, D]`` with
+    the cubic polynomial kernel ``k(x, y) = (x . y / D + 1)^3`` (Bińkowski et al. 2018, "Demystifying MMD GANs").
+    Unbiased, so it is about 0 for two samples of one distribution at any ``n`` and can be slightly negative; use
+    it with an interval (:func:`dmlab.claims.bootstrap`) and a floor drawn like the samples
+    (:func:`digits_real_like`)."""
+    a, b = _check_2d(a, "a"), _check_2d(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature widths differ: {a.shape[1]} vs {b.shape[1]}")
+    d = a.shape[1]
+    kaa, kbb, kab = (a @ a.T / d + 1) ** 3, (b @ b.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+    n, m = a.shape[0], b.shape[0]
+    return float((kaa.sum() - kaa.diag().sum()) / (n * (n - 1)) + (kbb.sum() - kbb.diag().sum()) / (m * (m - 1))
+                 - 2 * kab.mean())
+
+
+def digits_real_like(labels: Tensor, *, generator: torch.Generator, size: int = 8) -> Tensor:
+    """Real digits ``[N, 1, size, size]`` with exactly the class balance of ``labels`` (one image per label,
+    drawn without replacement, per class, with ``generator``) from the train-split digits the zoo classifier did
+    not learn from. Score them exactly as the generated set (same ``n``, same features, same reference) to get the
+    metric's floor: what a perfect generator of that class mix would score."""
+    from .data import load_digits
+    from .zoo.recipes import classifier_rows
+
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
+    labels = torch.as_tensor(labels).long().cpu()
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-D tensor of digit classes, got shape {tuple(labels.shape)}")
+    x, y = load_digits("train", size=size)
+    rows = classifier_rows("odd", x.shape[0])
+    x, y = x[rows], y[rows]
+    out = torch.empty((labels.numel(), *x.shape[1:]), dtype=x.dtype)
+    for c in labels.unique().tolist():
+        want = (labels == c).nonzero().flatten()
+        pool = (y == c).nonzero().flatten()
+        if len(want) > len(pool):
+            raise ValueError(f"class {c}: {len(want)} samples asked for, only {len(pool)} held-back real digits; "
+                             "use fewer samples per class")
+        out[want] = x[pool[torch.randperm(len(pool), generator=generator)[:len(want)]]]
+    return out
 
 
 @torch.no_grad()
