@@ -1,35 +1,33 @@
-"""The paper map: which of the book's 82 papers lives where, and how far the book has got with it.
+"""The paper map: which of the book's 82 papers lives where, and what its chapter measured.
 
-``book/papers.yml`` holds one record per paper of ``shared/papers/abstracts.md`` (its number there is ``id``).
-This module validates that file against ``book/references.bib`` and ``_toc.yml`` and renders it as the page
-``book/paper_map.md``::
+Two sources, neither holding a typed number:
+
+* ``book/papers.yml``: one record per paper with static fields only (``id``, ``key``, ``title``, ``short``,
+  ``chapter``, ``api``), validated against ``book/references.bib`` and ``_toc.yml``;
+* the claim records (:func:`dmlab.claims.record`) stored in the executed chapters under ``notebooks/``: a paper's
+  status and every number the map shows come from them. A paper without a record is ``planned``.
+
+::
 
     python -m dmlab.papermap           # validate, then rewrite book/paper_map.md
     python -m dmlab.papermap --check   # validate; exit 1 if the committed page differs from the render
-
-Only the standard library is imported at module level; PyYAML is imported inside the functions that read YAML.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
-__all__ = ["PARTS", "STATUSES", "N_PAPERS", "load_papers", "validate", "render_paper_map", "toc_files", "main"]
+from .claims import MIME, STATUSES, Interval, fmt
+
+__all__ = ["PARTS", "STATUSES", "N_PAPERS", "load_papers", "load_records", "validate", "render_paper_map",
+           "status_of", "toc_files", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository root (book/, notebooks/, _toc.yml live here)
 N_PAPERS = 82
 
-# How far the book has got with a paper, in increasing order (the legend on the page explains each one).
-STATUSES = {
-    "planned": "It has a home chapter; no code or notebook shows it yet.",
-    "demonstrated": "Its idea runs in its chapter at tiny scale (a figure and a check), without a measured comparison.",
-    "measured": "Its chapter measures the paper's claim at tiny scale against a baseline; the note says what we found.",
-    "full-scale": "As measured, and also run on the real model at full scale (`DMLAB_SCALE=full`, a GPU).",
-    "does-not-hold": "Measured, and the claim did not hold in our setting; the note says what we saw instead.",
-}
-
-# The book's parts and chapters (notebook stems), mirroring shared/BOOK-OUTLINE.md. A chapter added to the book
-# must be added here first, so that papers.yml may name it and the map can place it in its part.
+# The book's parts and chapters (notebook stems). A chapter added to the book must be added here first, so that
+# papers.yml may name it and the map can place it in its part.
 PARTS: list[tuple[str, list[str]]] = [
     ("Preface", ["00_welcome"]),
     ("I Foundations", ["01_forward_and_exact", "02_score_sde"]),
@@ -48,7 +46,7 @@ PARTS: list[tuple[str, list[str]]] = [
 ]
 CHAPTERS = [c for _, chapters in PARTS for c in chapters]
 _PART_OF = {c: part for part, chapters in PARTS for c in chapters}
-_FIELDS = ("id", "key", "title", "short", "chapter", "api", "status")
+_FIELDS = ("id", "key", "title", "short", "chapter", "api")
 _HOW = "python -m dmlab.papermap"
 
 
@@ -108,12 +106,40 @@ def _toc_chapters(toc_path) -> set[str]:
     return {f.split("/", 1)[1] for f in toc_files(toc_path) if f.startswith("notebooks/") and f.count("/") == 1}
 
 
-def validate(papers, *, bib_path="book/references.bib", toc_path="_toc.yml", outline_chapters=None) -> None:
-    """Check the paper records; raise one ``ValueError`` listing every problem and how to fix it.
+def load_records(notebooks="notebooks") -> list[dict]:
+    """Every claim record stored in the executed chapters ``notebooks/*.ipynb``, in chapter and cell order; each
+    is the record's JSON (:meth:`dmlab.claims.Claim.to_json`) with ``chapter`` (the notebook stem) added."""
+    out = []
+    for nb in sorted(_resolve(notebooks).glob("*.ipynb")):
+        try:
+            cells = json.loads(nb.read_text(encoding="utf-8")).get("cells", [])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{nb} is not valid JSON ({e}); restore it with git checkout or re-execute it") from e
+        for cell in cells:
+            for o in cell.get("outputs", []) or []:
+                d = o.get("data", {}).get(MIME)
+                if d is not None:
+                    d = dict(json.loads(d) if isinstance(d, str) else d)
+                    d["chapter"] = nb.stem
+                    out.append(d)
+    return out
 
-    Checks: exactly 82 records with ids 1..82 once each; the required fields; a known status; a chapter of the
-    outline (``PARTS``); unique bib keys that exist in ``bib_path``; and, for every paper whose status is beyond
-    ``planned``, a chapter notebook that is listed in ``toc_path`` and exists under ``notebooks/`` next to it.
+
+def status_of(paper_id: int, records) -> str:
+    """A paper's status: its primary record's, or ``planned`` when no chapter records it."""
+    prim = [r for r in records if r.get("paper") == paper_id and r.get("primary", True)]
+    return prim[0]["status"] if prim else "planned"
+
+
+def validate(papers, *, bib_path="book/references.bib", toc_path="_toc.yml", outline_chapters=None,
+             records=None) -> None:
+    """Check the paper records and the claim records; raise one ``ValueError`` listing every problem and its fix.
+
+    Checks: exactly 82 papers with ids 1..82 once each; the static fields only (a ``status`` or ``note`` typed in
+    papers.yml is refused: they come from claim records); a chapter of the outline (``PARTS``); unique bib keys
+    that exist in ``bib_path``. For the claim records (``records``, default: those in ``notebooks/`` next to
+    ``toc_path``): a known paper and status; at most one primary record per paper, in the paper's home chapter;
+    that chapter listed in ``toc_path``.
     """
     chapters = set(CHAPTERS if outline_chapters is None else outline_chapters)
     problems: list[str] = []
@@ -121,26 +147,31 @@ def validate(papers, *, bib_path="book/references.bib", toc_path="_toc.yml", out
         raise ValueError("papers must be a list of records, as returned by dmlab.papermap.load_papers()")
     if len(papers) != N_PAPERS:
         problems.append(f"book/papers.yml has {len(papers)} papers; it must list exactly {N_PAPERS}, one per paper "
-                        "of shared/papers/abstracts.md (add the missing ones or remove the extra ones)")
+                        "of the book (add the missing ones or remove the extra ones)")
     ids = []
     for n, r in enumerate(papers):
         missing = [f for f in _FIELDS if f not in r]
         if missing:
             problems.append(f"record #{n} (id {r.get('id')!r}) lacks {', '.join(missing)}: give every record "
                             f"all of {', '.join(_FIELDS)} (api may be \"\")")
+        typed = [f for f in r if f not in _FIELDS]
+        if typed:
+            problems.append(f"paper {r.get('id')!r}: field(s) {', '.join(map(str, typed))} are not allowed in "
+                            "book/papers.yml; a paper's status and numbers come from dmlab.claims.record() in its "
+                            "chapter, so remove them here")
         if isinstance(r.get("id"), int) and not isinstance(r.get("id"), bool):
             ids.append(r["id"])
         else:
-            problems.append(f"record #{n} has id {r.get('id')!r}: ids are integers, the paper's number in abstracts.md")
+            problems.append(f"record #{n} has id {r.get('id')!r}: ids are integers, the paper's number")
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         problems.append(f"duplicate ids {dup}: each paper number appears exactly once; fix the repeated records")
     absent = sorted(set(range(1, N_PAPERS + 1)) - set(ids))
     if absent:
-        problems.append(f"missing ids {absent}: add a record for each (number as in shared/papers/abstracts.md)")
+        problems.append(f"missing ids {absent}: add a record for each")
     extra = sorted(i for i in set(ids) if not 1 <= i <= N_PAPERS)
     if extra:
-        problems.append(f"ids {extra} are outside 1..{N_PAPERS}: use the paper's number in abstracts.md")
+        problems.append(f"ids {extra} are outside 1..{N_PAPERS}: use the paper's number")
 
     keys = [r.get("key") for r in papers if r.get("key")]
     dup_keys = sorted({k for k in keys if keys.count(k) > 1})
@@ -152,46 +183,81 @@ def validate(papers, *, bib_path="book/references.bib", toc_path="_toc.yml", out
         if r.get("key") and r["key"] not in known:
             problems.append(f"{tag}: key {r['key']!r} is not in {bib_path}; add a BibTeX entry with that key "
                             "(or correct the key in book/papers.yml)")
-        status = r.get("status")
-        if "status" in r and status not in STATUSES:
-            problems.append(f"{tag}: unknown status {status!r}; use one of {', '.join(STATUSES)}")
         ch = r.get("chapter")
         if "chapter" in r and ch not in chapters:
             problems.append(f"{tag}: chapter {ch!r} is not in the book outline; use a notebook stem from "
-                            "PARTS in dmlab/papermap.py (add new chapters there and to shared/BOOK-OUTLINE.md)")
+                            "PARTS in dmlab/papermap.py (add new chapters there first)")
         api = r.get("api")
         if "api" in r and not (api == "" or (isinstance(api, str) and re.fullmatch(r"dmlab(\.\w+)+", api))):
             problems.append(f"{tag}: api {api!r} must be \"\" or a dotted dmlab path like dmlab.accelerators.deepcache")
-        note = r.get("note")
-        if note is not None and (not isinstance(note, str) or "\n" in note):
-            problems.append(f"{tag}: note must be one line of text")
 
     in_toc = _toc_chapters(toc_path)
-    book_root = _resolve(toc_path).parent
-    for r in papers:
-        if r.get("status") in STATUSES and r["status"] != "planned":
-            ch = r.get("chapter")
-            tag = f"paper {r.get('id')} ({r.get('short', r.get('key'))}) has status {r['status']!r} but"
-            if ch not in in_toc:
-                problems.append(f"{tag} its chapter notebooks/{ch} is not listed in {toc_path}; add "
-                                f"`- file: notebooks/{ch}` to its part there, or set the status back to planned")
-            elif not (book_root / "notebooks" / f"{ch}.ipynb").exists():
-                problems.append(f"{tag} notebooks/{ch}.ipynb does not exist; commit the notebook or set the "
-                                "status back to planned")
+    if records is None:
+        records = load_records(_resolve(toc_path).parent / "notebooks")
+    home = {r.get("id"): r.get("chapter") for r in papers}
+    primaries: dict[int, list[str]] = {}
+    for rec in records:
+        pid, ch = rec.get("paper"), rec.get("chapter")
+        tag = f"claim record for paper {pid!r} in notebooks/{ch}.ipynb"
+        if pid not in home:
+            problems.append(f"{tag}: no such paper in book/papers.yml; use the paper's id (1..{N_PAPERS})")
+            continue
+        if rec.get("status") not in STATUSES or rec.get("status") == "planned":
+            problems.append(f"{tag}: status {rec.get('status')!r} is not a recorded status; use "
+                            "dmlab.claims.record() and re-execute the chapter")
+        if ch not in in_toc:
+            problems.append(f"{tag}: the chapter is not listed in {toc_path}; add `- file: notebooks/{ch}` there")
+        if rec.get("primary", True):
+            primaries.setdefault(pid, []).append(ch)
+            if ch != home[pid]:
+                problems.append(f"{tag}: a paper's primary record belongs in its home chapter notebooks/"
+                                f"{home[pid]}.ipynb; record it there, or pass primary=False for a sub-claim")
+    for pid, chs in sorted(primaries.items()):
+        if len(chs) > 1:
+            problems.append(f"paper {pid} has {len(chs)} primary claim records ({', '.join(chs)}); keep one and "
+                            "pass primary=False to the others")
     if problems:
-        raise ValueError("book/papers.yml is not valid:\n  - " + "\n  - ".join(problems))
+        raise ValueError("the paper map is not valid:\n  - " + "\n  - ".join(problems))
 
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_paper_map(papers, *, toc_path="_toc.yml") -> str:
-    """The Markdown (MyST) source of ``book/paper_map.md``.
+def _record_line(rec: dict) -> str:
+    """One claim record in words: claim, metric, values, the interval of the difference, the verdict."""
+    parts = [f"{_cell(rec['claim'])}"]
+    vals = []
+    if rec.get("value") is not None:
+        vals.append(f"{rec.get('method') or 'method'} {fmt(rec['value'])}")
+    if rec.get("competitor_value") is not None:
+        vals.append(f"{rec.get('competitor') or 'competitor'} {fmt(rec['competitor_value'])}")
+    elif rec.get("competitor"):
+        vals.append(f"against {rec['competitor']}")
+    if rec.get("metric"):
+        parts.append(f"*{_cell(rec['metric'])}*" + (": " + ", ".join(vals) if vals else ""))
+    if rec.get("diff"):
+        iv = Interval(**rec["diff"])
+        side = ">" if rec.get("better", "higher") == "higher" else "<"
+        parts.append(f"difference {fmt(iv)} at {round(iv.level * 100)}% (claim needs {side} "
+                     f"{rec.get('threshold', 0):g}; n = {iv.n} per seed, {iv.seeds} seeds)")
+    if rec.get("note"):
+        parts.append(_cell(rec["note"]))
+    return ". ".join(parts)
+
+
+def render_paper_map(papers, *, toc_path="_toc.yml", records=None) -> str:
+    """The Markdown (MyST) source of ``book/paper_map.md``, from the static ``papers`` and the claim ``records``
+    (default: those stored in ``notebooks/`` next to ``toc_path``).
 
     A chapter is linked to its notebook only if ``toc_path`` lists it; otherwise it reads ``planned: <stem>``.
     """
     in_toc = _toc_chapters(toc_path)
+    if records is None:
+        records = load_records(_resolve(toc_path).parent / "notebooks")
+    by_paper: dict[int, list[dict]] = {}
+    for rec in records:
+        by_paper.setdefault(rec["paper"], []).append(rec)
     by_chapter: dict[str, list[dict]] = {}
     for r in sorted(papers, key=lambda r: r["id"]):
         by_chapter.setdefault(r["chapter"], []).append(r)
@@ -199,47 +265,64 @@ def render_paper_map(papers, *, toc_path="_toc.yml") -> str:
     def chapter_ref(ch):
         return f"[{ch}](../notebooks/{ch}.ipynb)" if ch in in_toc else f"planned: {ch}"
 
-    counts = {s: sum(r["status"] == s for r in papers) for s in STATUSES}
+    status = {r["id"]: status_of(r["id"], by_paper.get(r["id"], [])) for r in papers}
+    counts = {s: sum(v == s for v in status.values()) for s in STATUSES}
     out = [
-        "% Generated from book/papers.yml by `python -m dmlab.papermap`; do not edit by hand.",
+        f"% Generated by `{_HOW}` from book/papers.yml and the claim records stored in the executed chapters; "
+        "do not edit by hand.",
         "",
         "# Paper map",
         "",
         f"This book covers {len(papers)} recent papers on diffusion models. Each has one home chapter, where its idea "
-        "is derived, run and, where the book can, measured; it may be cited anywhere else. The table below says "
-        "where each paper lives, where its code is in `dmlab`, and how far the book has got with it. A status is "
-        "a claim about this book, not about the paper: `measured` means we measured the paper's claim at tiny "
-        "scale, and `does-not-hold` means that measurement disagreed with the paper in our setting (the note says "
-        "how).",
+        "is derived, run and, where the book can, measured. Every status and number on this page is generated from "
+        "the *claim records* the chapters write in the cell that measures them (`dmlab.claims.record`); nothing "
+        "here is typed by hand.",
+        "",
+        "**How a verdict is decided.** The paper's method is compared with its trivial competitor at matched cost "
+        "(the same sampler at fewer steps and matched FLOPs for an accelerator, the best hand-designed solver for a "
+        "solver, the simplest baseline for a probe) through a paired difference on the same noise or samples. Its "
+        "95% interval comes from a two-stage bootstrap (seeds, then samples within seeds) over at least 3 seeds of "
+        "what the claim depends on. The claim *holds* when the whole interval lies on the paper's side of the "
+        "threshold, *does not hold* when it lies wholly on the other side, and is *unresolved* when the interval "
+        "straddles it. A status is a statement about this book's tiny-scale test, not about the paper.",
         "",
         "| status | meaning |",
         "|---|---|",
         *[f"| `{s}` | {_cell(m)} |" for s, m in STATUSES.items()],
-        "",
-        "A chapter in plain text (`planned: …`) has no notebook in the book yet.",
         "",
     ]
     for part, chapters in PARTS:
         rows = [r for ch in chapters for r in by_chapter.get(ch, [])]
         if not rows:
             continue
-        out += [f"## {part}", "", "| # | paper | chapter | dmlab API | status | note |", "|---|---|---|---|---|---|"]
+        out += [f"## {part}", "", "| # | paper | chapter and code | status |", "|---|---|---|---|"]
         for r in rows:
-            api = f"`{r['api']}`" if r.get("api") else "—"
+            api = f" · `{r['api']}`" if r.get("api") else ""
             short, title = r["short"], r["title"]
             if title.lower().startswith(short.lower() + ":"):  # "DeepCache: Accelerating ..." -> no repetition
                 title = title[len(short) + 1:].lstrip()
             paper = f"**{_cell(short)}**: {_cell(title)} {{cite:p}}`{r['key']}`"
-            out.append(f"| {r['id']} | {paper} | {chapter_ref(r['chapter'])} | {api} | `{r['status']}` "
-                       f"| {_cell(r.get('note') or '')} |")
+            out.append(f"| {r['id']} | {paper} | {chapter_ref(r['chapter'])}{api} | `{status[r['id']]}` |")
         out.append("")
+        recorded = [r for r in rows if by_paper.get(r["id"])]
+        if recorded:
+            out += ["**What the chapters recorded**", ""]
+            for r in recorded:
+                recs = sorted(by_paper[r["id"]], key=lambda c: not c.get("primary", True))
+                for k, rec in enumerate(recs):
+                    lead = f"**{r['id']} {_cell(r['short'])}**" if k == 0 else "  sub-claim"
+                    where = chapter_ref(rec["chapter"])
+                    out.append(f"- {lead} (`{rec['status']}`, {where}): {_record_line(rec)}"
+                               if k == 0 else f"  - sub-claim (`{rec['status']}`, {where}): {_record_line(rec)}")
+            out.append("")
     out += ["## Summary", "", "| status | papers |", "|---|---|",
             *[f"| `{s}` | {n} |" for s, n in counts.items()], f"| total | {len(papers)} |", ""]
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
-    """``python -m dmlab.papermap [--check]``: validate book/papers.yml and (re)write or check book/paper_map.md."""
+    """``python -m dmlab.papermap [--check]``: validate book/papers.yml and the chapters' claim records, and
+    (re)write or check book/paper_map.md."""
     import argparse
     import sys
 
@@ -250,24 +333,25 @@ def main(argv=None) -> int:
     ap.add_argument("--toc", default="_toc.yml")
     ap.add_argument("--out", default="book/paper_map.md")
     args = ap.parse_args(argv)
-    papers = load_papers(args.papers)
     try:
-        validate(papers, bib_path=args.bib, toc_path=args.toc)
+        papers = load_papers(args.papers)
+        records = load_records(_resolve(args.toc).parent / "notebooks")
+        validate(papers, bib_path=args.bib, toc_path=args.toc, records=records)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 1
-    text = render_paper_map(papers, toc_path=args.toc)
+    text = render_paper_map(papers, toc_path=args.toc, records=records)
     out = _resolve(args.out)
     if args.check:
         current = out.read_text(encoding="utf-8") if out.exists() else None
         if current != text:
-            print(f"{args.out} is out of date with book/papers.yml (or _toc.yml); run `{_HOW}` and commit the result",
-                  file=sys.stderr)
+            print(f"{args.out} is out of date with book/papers.yml or the chapters' claim records; run `{_HOW}` "
+                  "and commit the result", file=sys.stderr)
             return 1
-        print(f"{args.out} is up to date ({len(papers)} papers)")
+        print(f"{args.out} is up to date ({len(papers)} papers, {len(records)} claim records)")
         return 0
     out.write_text(text, encoding="utf-8")
-    print(f"wrote {out} ({len(papers)} papers)")
+    print(f"wrote {out} ({len(papers)} papers, {len(records)} claim records)")
     return 0
 
 

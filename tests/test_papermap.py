@@ -1,4 +1,5 @@
-"""The paper map: book/papers.yml is valid, and book/paper_map.md is exactly its render (so it cannot drift)."""
+"""The paper map: book/papers.yml (static fields) is valid, statuses come from the chapters' claim records, and
+book/paper_map.md is exactly the render of both (so it cannot drift)."""
 import copy
 import re
 from pathlib import Path
@@ -35,7 +36,7 @@ def book(tmp_path):
             (tmp_path / "notebooks" / nb.name).write_text("{}", encoding="utf-8")
 
     def run(papers):
-        papermap.validate(papers, bib_path=tmp_path / "references.bib", toc_path=tmp_path / "_toc.yml")
+        papermap.validate(papers, bib_path=tmp_path / "references.bib", toc_path=tmp_path / "_toc.yml", records=[])
 
     run.root = tmp_path
     return run
@@ -85,11 +86,58 @@ def test_duplicated_id_is_reported(book, papers):
         book(bad)
 
 
-def test_unknown_status_is_reported(book, papers):
+def test_typed_status_or_note_is_refused(book, papers):
     bad = copy.deepcopy(papers)
-    bad[0]["status"] = "done"
-    with pytest.raises(ValueError, match=r"paper 1 .*unknown status 'done'; use one of planned, demonstrated"):
+    bad[0]["status"] = "holds"
+    bad[1]["note"] = "FD 1.19 vs 1.18"
+    with pytest.raises(ValueError, match=r"paper 1: field\(s\) status are not allowed[\s\S]*paper 2: field\(s\) note"):
         book(bad)
+
+
+def _rec(paper, chapter, status="holds", primary=True, **kw):
+    return dict(paper=paper, chapter=chapter, status=status, primary=primary, claim="a claim", **kw)
+
+
+def test_status_comes_from_the_primary_record(papers):
+    assert papermap.status_of(73, []) == "planned"
+    recs = [_rec(73, "15_feature_caching", "unresolved", primary=False), _rec(73, "15_feature_caching", "holds")]
+    assert papermap.status_of(73, recs) == "holds"
+    text = papermap.render_paper_map(papers, toc_path=TOC, records=recs)
+    assert re.search(r"^\| 73 \| .* \| `holds` \|$", text, flags=re.M)
+    assert "sub-claim (`unresolved`" in text
+
+
+def test_record_problems_are_reported(papers):
+    recs = [_rec(99, "15_feature_caching"), _rec(73, "16_trajectory_stitching"),
+            _rec(1, "16_trajectory_stitching"), _rec(1, "16_trajectory_stitching"),
+            _rec(3, "15_feature_caching", status="planned")]
+    with pytest.raises(ValueError) as e:
+        papermap.validate(papers, bib_path=BIB, toc_path=TOC, records=recs)
+    msg = str(e.value)
+    assert "paper 99 in notebooks/15_feature_caching.ipynb: no such paper" in msg
+    assert "paper 73 in notebooks/16_trajectory_stitching.ipynb: a paper's primary record belongs in its home" in msg
+    assert "paper 1 has 2 primary claim records" in msg
+    assert "status 'planned' is not a recorded status" in msg
+
+
+def test_records_round_trip_through_a_notebook(tmp_path):
+    """A record displayed by dmlab.claims.record is found by load_records in the stored notebook outputs."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell(
+        "import torch\nfrom dmlab import claims\ng = torch.Generator().manual_seed(0)\n"
+        "a = torch.randn(3, 50, generator=g) + 1\n"
+        "iv = claims.paired_bootstrap(a, torch.zeros(3, 50), generator=g)\n"
+        "claims.record(73, 'caching is faster', metric='m', diff=iv, threshold=0.0)"))
+    (tmp_path / "notebooks").mkdir()
+    path = tmp_path / "notebooks" / "15_feature_caching.ipynb"
+    NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    nbformat.write(nb, path)
+    (rec,) = papermap.load_records(tmp_path / "notebooks")
+    assert rec["paper"] == 73 and rec["chapter"] == "15_feature_caching" and rec["status"] == "holds"
+    assert rec["diff"]["seeds"] == 3 and rec["diff"]["low"] > 0
 
 
 def test_missing_bib_key_is_reported(book, papers):
@@ -101,24 +149,14 @@ def test_missing_bib_key_is_reported(book, papers):
         book(papers)
 
 
-def test_measured_chapter_missing_from_toc_is_reported(book, papers):
-    bad = copy.deepcopy(papers)
-    (deepcache,) = [p for p in bad if p["id"] == 73]
-    deepcache["status"] = "measured"
-    with pytest.raises(ValueError, match=r"paper 73 .*status 'measured' but its chapter notebooks/15_feature_caching is "
-                                         r"not listed in .*add `- file: notebooks/15_feature_caching`"):
-        book(bad)
-
-
-def test_measured_chapter_needs_its_notebook(book, papers):
-    bad = copy.deepcopy(papers)
-    (deepcache,) = [p for p in bad if p["id"] == 73]
-    deepcache["status"] = "measured"
-    _add_to_toc(book.root / "_toc.yml", "15_feature_caching")
-    with pytest.raises(ValueError, match=r"notebooks/15_feature_caching.ipynb does not exist"):
-        book(bad)
-    (book.root / "notebooks" / "15_feature_caching.ipynb").write_text("{}", encoding="utf-8")
-    book(bad)  # listed and present: valid
+def test_recorded_chapter_missing_from_toc_is_reported(book, papers):
+    toc = book.root / "_toc.yml"
+    with pytest.raises(ValueError, match=r"paper 73 in notebooks/15_feature_caching.ipynb: the chapter is not listed"):
+        papermap.validate(papers, bib_path=book.root / "references.bib", toc_path=toc,
+                          records=[_rec(73, "15_feature_caching")])
+    _add_to_toc(toc, "15_feature_caching")
+    papermap.validate(papers, bib_path=book.root / "references.bib", toc_path=toc,
+                      records=[_rec(73, "15_feature_caching")])
 
 
 def test_unknown_chapter_is_reported(book, papers):
@@ -130,12 +168,13 @@ def test_unknown_chapter_is_reported(book, papers):
 
 def test_map_links_only_chapters_in_the_toc(book, papers):
     toc = book.root / "_toc.yml"
-    plain = papermap.render_paper_map(papers, toc_path=toc)
-    assert "| planned: 15_feature_caching |" in plain
+    plain = papermap.render_paper_map(papers, toc_path=toc, records=[])
+    assert "| planned: 15_feature_caching · `dmlab.accelerators.apply_deepcache` |" in plain
     assert "(../notebooks/15_feature_caching.ipynb)" not in plain
     _add_to_toc(toc, "15_feature_caching")
-    linked = papermap.render_paper_map(papers, toc_path=toc)
-    assert "| [15_feature_caching](../notebooks/15_feature_caching.ipynb) |" in linked
+    linked = papermap.render_paper_map(papers, toc_path=toc, records=[])
+    assert "| [15_feature_caching](../notebooks/15_feature_caching.ipynb) · `dmlab.accelerators.apply_deepcache` |" \
+        in linked
     assert "planned: 15_feature_caching" not in linked
 
 
