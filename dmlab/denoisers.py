@@ -21,6 +21,9 @@ from torch import Tensor
 
 from . import schedules
 
+__all__ = ["Denoiser", "as_sigma", "bcast", "net_output", "EDMPrecond", "DiscreteVPDenoiser", "FlowDenoiser", "CFG",
+           "cfg", "clamp", "switch_at_sigma", "RecordingDenoiser", "PREDICTION_TYPES"]
+
 
 @runtime_checkable
 class Denoiser(Protocol):

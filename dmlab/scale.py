@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = ["Scale", "get_scale", "seed_everything", "setup", "SCALES"]
+
 SCALES = ("tiny", "full")
 
 

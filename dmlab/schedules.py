@@ -16,6 +16,11 @@ import math
 import torch
 from torch import Tensor
 
+__all__ = ["append_zero", "schedule_floats", "check_schedule", "karras", "log_uniform", "vp_linear", "vp_cosine",
+           "betas_for", "sigmas_from_alphas_cumprod", "train_sigmas", "ddpm_timesteps", "discrete",
+           "sigma_to_index", "index_to_sigma", "alpha_sigma_t", "sigma_from_alpha_sigma_t", "lam", "sigma_from_lam",
+           "snr"]
+
 
 # ----------------------------------------------------------------------------------------------- validation
 def append_zero(sigmas: Tensor) -> Tensor:

@@ -15,6 +15,8 @@ import sys
 from .env import apply_ci_env
 from .notebooks import execute
 
+__all__ = ["main", "ROOT"]
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+__all__ = ["apply_ci_env", "CI_ENV"]
+
 CI_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

@@ -20,6 +20,9 @@ import time
 
 from .._meta import REPO, BRANCH, colab_url
 
+__all__ = ["badge", "header", "make_notebook", "execute", "check_conventions", "main", "ROOT", "MAX_BYTES",
+           "SETUP_SOURCE"]
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAX_BYTES = 1_000_000
 

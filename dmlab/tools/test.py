@@ -21,6 +21,8 @@ import time
 
 from .env import apply_ci_env
 
+__all__ = ["main", "ROOT"]
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
