@@ -93,7 +93,9 @@ def execute(path: str | pathlib.Path, *, timeout: int = 600) -> float:
     path = pathlib.Path(path)
     nb = nbformat.read(path, as_version=4)
     t0 = time.perf_counter()
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
+    for cell in nb.cells:  # no per-cell timing metadata: re-execution diffs show only real changes
+        cell.metadata.pop("execution", None)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True, record_timing=False,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     elapsed = time.perf_counter() - t0
     nbformat.write(nb, path)
