@@ -220,6 +220,15 @@ def validate(papers, *, bib_path="book/references.bib", toc_path="_toc.yml", out
         raise ValueError("the paper map is not valid:\n  - " + "\n  - ".join(problems))
 
 
+# A coloured badge per status (sphinx-design's bdg roles, part of Jupyter Book 1).
+_BADGE = {"holds": "success", "does-not-hold": "danger", "unresolved": "warning", "demonstrated": "info",
+          "full-scale-only": "secondary", "planned": "light"}
+
+
+def _badge(status: str) -> str:
+    return f"{{bdg-{_BADGE[status]}}}`{status}`"
+
+
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -286,9 +295,10 @@ def render_paper_map(papers, *, toc_path="_toc.yml", records=None) -> str:
         "threshold, *does not hold* when it lies wholly on the other side, and is *unresolved* when the interval "
         "straddles it. A status is a statement about this book's tiny-scale test, not about the paper.",
         "",
-        "| status | meaning |",
-        "|---|---|",
-        *[f"| `{s}` | {_cell(m)} |" for s, m in STATUSES.items()],
+        "| status | meaning | papers |",
+        "|---|---|---|",
+        *[f"| {_badge(s)} | {_cell(m)} | {counts[s]} |" for s, m in STATUSES.items()],
+        f"| total | | {len(papers)} |",
         "",
     ]
     for part, chapters in PARTS:
@@ -302,7 +312,7 @@ def render_paper_map(papers, *, toc_path="_toc.yml", records=None) -> str:
             if title.lower().startswith(short.lower() + ":"):  # "DeepCache: Accelerating ..." -> no repetition
                 title = title[len(short) + 1:].lstrip()
             paper = f"**{_cell(short)}**: {_cell(title)} {{cite:p}}`{r['key']}`"
-            out.append(f"| {r['id']} | {paper} | {chapter_ref(r['chapter'])}{api} | `{status[r['id']]}` |")
+            out.append(f"| {r['id']} | {paper} | {chapter_ref(r['chapter'])}{api} | {_badge(status[r['id']])} |")
         out.append("")
         recorded = [r for r in rows if by_paper.get(r["id"])]
         if recorded:
@@ -310,13 +320,11 @@ def render_paper_map(papers, *, toc_path="_toc.yml", records=None) -> str:
             for r in recorded:
                 recs = sorted(by_paper[r["id"]], key=lambda c: not c.get("primary", True))
                 for k, rec in enumerate(recs):
-                    lead = f"**{r['id']} {_cell(r['short'])}**" if k == 0 else "  sub-claim"
+                    lead = f"**{r['id']} {_cell(r['short'])}**"
                     where = chapter_ref(rec["chapter"])
-                    out.append(f"- {lead} (`{rec['status']}`, {where}): {_record_line(rec)}"
-                               if k == 0 else f"  - sub-claim (`{rec['status']}`, {where}): {_record_line(rec)}")
+                    out.append(f"- {lead} ({_badge(rec['status'])}, {where}): {_record_line(rec)}"
+                               if k == 0 else f"  - sub-claim ({_badge(rec['status'])}, {where}): {_record_line(rec)}")
             out.append("")
-    out += ["## Summary", "", "| status | papers |", "|---|---|",
-            *[f"| `{s}` | {n} |" for s, n in counts.items()], f"| total | {len(papers)} |", ""]
     return "\n".join(out)
 
 
