@@ -1,0 +1,119 @@
+"""Look at the built book in a real browser: every page at 1400x900 in headless Chromium.
+
+``python -m dmlab.tools.pages`` (after ``python -m dmlab.tools.book``) opens each ``_build/html`` page, saves a
+full-page screenshot under ``_build/screenshots/`` and reports, per page:
+
+* code cells, text outputs and tables whose content is wider than their box (cut off or scrolled);
+* math left as raw ``\\(`` / ``$$`` text (MathJax did not render it);
+* requests that leave the machine (anything but ``file://`` and ``data:``).
+
+Exit status 1 when any page has a problem. Needs Chromium and ChromeDriver (Debian: ``apt-get install chromium
+chromium-driver``) and ``pip install selenium``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+__all__ = ["check_pages", "main", "ROOT"]
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+_PROBE = r"""
+const out = {overflow: [], raw_math: 0};
+const boxes = document.querySelectorAll(
+  'div.cell_input pre, div.cell_output pre, div.output pre, div.highlight pre, .bd-article table');
+for (const el of boxes) {
+  if (el.scrollWidth > el.clientWidth + 2) {
+    const kind = el.tagName === 'TABLE' ? 'table' : (el.closest('.cell_output, .output') ? 'output' : 'code');
+    out.overflow.push({kind: kind, over: el.scrollWidth - el.clientWidth,
+                       text: (el.innerText || '').split('\n')[0].slice(0, 60)});
+  }
+}
+const body = document.querySelector('.bd-article');
+if (body) {
+  const walker = document.createTreeWalker(body, NodeFilter.SHOW_TEXT);
+  let n; while ((n = walker.nextNode())) {
+    if (n.parentElement.closest('pre, code, script, mjx-container')) continue;
+    if (/\\\(|\\\[|\$\$/.test(n.nodeValue)) out.raw_math++;
+  }
+}
+out.requests = performance.getEntriesByType('resource').map(e => e.name)
+  .filter(u => !u.startsWith('file:') && !u.startsWith('data:'));
+return out;
+"""
+
+
+def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: bool = True) -> dict:
+    """``{page: problems}`` for every HTML page of the built book (an empty list when a page is fine)."""
+    try:
+        from selenium import webdriver
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError("the page check needs selenium: pip install selenium (and Chromium + ChromeDriver: "
+                           "apt-get install chromium chromium-driver)") from e
+    html = pathlib.Path(html_dir or ROOT / "_build" / "html")
+    if not (html / "index.html").exists():
+        raise FileNotFoundError(f"{html}/index.html not found; build the book first: python -m dmlab.tools.book")
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              f"--window-size={width},{height}"):
+        opts.add_argument(a)
+    opts.binary_location = "/usr/bin/chromium"
+    service = webdriver.ChromeService(executable_path="/usr/bin/chromedriver")
+    drv = webdriver.Chrome(options=opts, service=service)
+    drv.set_page_load_timeout(30)
+    out_dir = html.parent / "screenshots"
+    out_dir.mkdir(exist_ok=True)
+    report = {}
+    try:
+        pages = sorted(p for p in html.rglob("*.html") if "_static" not in p.parts and p.name not in
+                       ("search.html", "genindex.html"))
+        for p in pages:
+            rel = p.relative_to(html).as_posix()
+            try:
+                drv.get(p.as_uri())
+            except Exception as e:  # a page that never finishes loading (a blocked CDN) is a problem too
+                report[rel] = [f"did not load in 30 s ({type(e).__name__})"]
+                continue
+            drv.execute_script("return new Promise(r => setTimeout(r, 1500))")
+            r = drv.execute_script(_PROBE)
+            probs = [f"{o['kind']} {o['over']} px too wide: {o['text']!r}" for o in r["overflow"]]
+            if r["raw_math"]:
+                probs.append(f"{r['raw_math']} text node(s) with unrendered math")
+            probs += [f"network request: {u}" for u in sorted(set(r["requests"]))]
+            report[rel] = probs
+            if shots:
+                h = drv.execute_script("return document.body.scrollHeight")
+                drv.set_window_size(width, min(int(h), 20000))
+                drv.save_screenshot(str(out_dir / (rel.replace("/", "__") + ".png")))
+                drv.set_window_size(width, height)
+    finally:
+        drv.quit()
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dmlab.tools.pages", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--html", default=None, help="the built book (default _build/html)")
+    ap.add_argument("--json", default=None, help="also write the report here")
+    ap.add_argument("--no-shots", action="store_true")
+    a = ap.parse_args(argv)
+    report = check_pages(a.html, shots=not a.no_shots)
+    bad = {k: v for k, v in report.items() if v}
+    for page, probs in bad.items():
+        print(f"{page}: {len(probs)} problem(s)")
+        for pr in probs[:8]:
+            print(f"    {pr}")
+        if len(probs) > 8:
+            print(f"    ... and {len(probs) - 8} more")
+    print(f"{len(report) - len(bad)} of {len(report)} pages fine")
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps(report, indent=1))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
