@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["frechet_distance", "feature_stats", "digits_features", "digits_fd", "digits_fd_floor", "kid", "digits_real_like",
+__all__ = ["frechet_distance", "feature_stats", "digits_features", "digits_fd", "digits_fd_floor", "kid", "kid_terms", "digits_real_like",
            "class_accuracy", "mmd", "mse", "psnr", "pck", "gmm_log_prob", "gmm_nll", "gmm_mode_stats", "gmm_kl"]
 
 
@@ -143,6 +143,22 @@ def kid(a: Tensor, b: Tensor) -> float:
     n, m = a.shape[0], b.shape[0]
     return float((kaa.sum() - kaa.diag().sum()) / (n * (n - 1)) + (kbb.sum() - kbb.diag().sum()) / (m * (m - 1))
                  - 2 * kab.mean())
+
+
+def kid_terms(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample terms ``[N]`` of :func:`kid` for the samples ``a [N, D]`` against a fixed reference ``b``: their
+    mean is exactly ``kid(a, b)`` and their spread is the first-order (delta-method, Hoeffding projection) spread
+    of KID over draws of ``a``, so :func:`dmlab.claims.paired_bootstrap` on them gives KID's interval and, for
+    two models sampled from the same noise, a paired interval of their KID difference. (Bootstrapping KID itself
+    duplicates samples, which biases the unbiased estimator.) Term ``i`` is ``kid + phi_i - mean(phi)`` with
+    ``phi_i = 2 (mean_{j != i} k(a_i, a_j) - mean_j k(a_i, b_j))``, the influence of sample ``i``."""
+    a, b = _check_2d(a, "a"), _check_2d(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature widths differ: {a.shape[1]} vs {b.shape[1]}")
+    d, n = a.shape[1], a.shape[0]
+    kaa, kab = (a @ a.T / d + 1) ** 3, (a @ b.T / d + 1) ** 3
+    phi = 2 * ((kaa.sum(1) - kaa.diag()) / (n - 1) - kab.mean(1))
+    return kid(a, b) + phi - phi.mean()
 
 
 def digits_real_like(labels: Tensor, *, generator: torch.Generator, size: int = 8) -> Tensor:

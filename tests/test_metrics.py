@@ -107,3 +107,20 @@ def test_digits_metrics_on_real_digits(gen):
         metrics.digits_fd_floor(5000, generator=gen, classifier=clf)
     with pytest.raises(TypeError, match="features"):
         metrics.digits_fd(x, classifier=torch.nn.Linear(2, 2))
+
+
+def test_kid_terms_average_to_kid_and_their_spread_matches_redraws(gen):
+    """The per-sample terms average exactly to KID, and their standard error (delta method) matches the spread
+    of KID over independent draws of the samples (within 30%: 200 draws estimate a standard deviation to ~5%)."""
+    ref = torch.randn(300, 8, generator=gen, dtype=torch.float64)
+    a = torch.randn(60, 8, generator=gen, dtype=torch.float64) + 0.3
+    t = metrics.kid_terms(a, ref)
+    assert t.shape == (60,)
+    assert abs(float(t.mean()) - metrics.kid(a, ref)) < 1e-10
+    draws = torch.tensor([metrics.kid(torch.randn(60, 8, generator=gen, dtype=torch.float64) + 0.3, ref)
+                          for _ in range(200)])
+    se = torch.tensor([float(metrics.kid_terms(torch.randn(60, 8, generator=gen, dtype=torch.float64) + 0.3,
+                                               ref).std() / 60 ** 0.5) for _ in range(50)]).mean()
+    assert 0.7 < float(se / draws.std()) < 1.3, (float(se), float(draws.std()))
+    with pytest.raises(ValueError, match="feature widths"):
+        metrics.kid_terms(a, ref[:, :4])
