@@ -3,6 +3,7 @@
 Chapter 5 prints searched solvers and v3 statistics computed in the run (no cache); nbval compares them exactly,
 so a result that depended on the thread count (a reduction split differently) would make CI flaky.
 """
+import functools
 import math
 
 import pytest
@@ -28,24 +29,36 @@ def _at_threads(n: int, fn):
         torch.set_num_threads(old)
 
 
-def _digits_search():
+@functools.lru_cache(maxsize=None)
+def _digits_problem():
+    """Denoiser, start and exact reference (computed once, at the default thread count)."""
     digits, _ = data.load_digits("train")
     emp = exact.EmpiricalDenoiser(digits)
     train = schedules.train_sigmas()
     lo, hi = float(train[0]), float(train[-1])
     g = torch.Generator().manual_seed(3)
-    refs = compare.References(emp, torch.randn(6, 1, 8, 8, generator=g, dtype=torch.float64))
-    spec, err = search.search_solver(emp, refs.start(hi), nfe=5, sigma_min=lo, sigma_max=hi,
-                                     reference=refs(hi, lo), n_candidates=12, reduce="gmean", seed=5)
-    return spec, err
+    refs = compare.References(emp, torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64))
+    return emp, refs.start(hi), refs(hi, lo), lo, hi
 
 
-def _gmm_search():
+@functools.lru_cache(maxsize=None)
+def _gmm_problem():
     gmm = _gmm()
     g = torch.Generator().manual_seed(4)
     refs = compare.References(gmm, torch.randn(16, 2, generator=g, dtype=torch.float64))
-    return search.search_solver(gmm, refs.start(20.0), nfe=5, sigma_min=0.002, sigma_max=20.0,
-                                reference=refs(20.0, 0.002), n_candidates=20, seed=5)
+    return gmm, refs.start(20.0), refs(20.0, 0.002), 0.002, 20.0
+
+
+def _digits_search():
+    emp, x, ref, lo, hi = _digits_problem()
+    return search.search_solver(emp, x, nfe=5, sigma_min=lo, sigma_max=hi, reference=ref, n_candidates=6,
+                                population=4, reduce="gmean", seed=5)
+
+
+def _gmm_search():
+    gmm, x, ref, lo, hi = _gmm_problem()
+    return search.search_solver(gmm, x, nfe=5, sigma_min=lo, sigma_max=hi, reference=ref, n_candidates=12,
+                                population=8, seed=5)
 
 
 @pytest.mark.parametrize("run", [_gmm_search, _digits_search], ids=["gmm", "digits"])
