@@ -157,9 +157,9 @@ class DiscreteVPDenoiser:
                              f"alphas_cumprod), got shape {tuple(ac.shape)}")
         if not torch.isfinite(ac).all():
             raise ValueError("alphas_cumprod must be finite (found NaN or inf)")
-        if not (ac[1:] < ac[:-1]).all():
-            hint = " (it increases: reverse it with .flip(0))" if (ac[1:] > ac[:-1]).all() else ""
-            raise ValueError("alphas_cumprod must strictly decrease with the training index, from about 1 at t = 0 "
+        if (ac[1:] > ac[:-1]).any() or ac[0] == ac[-1]:
+            hint = " (it increases: reverse it with .flip(0))" if (ac[1:] >= ac[:-1]).all() else ""
+            raise ValueError("alphas_cumprod must decrease with the training index, from about 1 at t = 0 "
                              f"(little noise) to about 0 at t = T-1{hint}; pass scheduler.alphas_cumprod or "
                              "torch.cumprod(1 - betas, 0)")
         self.sigmas_train = schedules.sigmas_from_alphas_cumprod(ac)

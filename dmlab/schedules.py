@@ -218,8 +218,8 @@ def discrete(n_steps: int, sigmas_train: Tensor, spacing: str = "leading", steps
              *, dtype: torch.dtype = torch.float64) -> Tensor:
     """A schedule made of the training sigmas at the indices :func:`ddpm_timesteps` picks, then 0."""
     st = torch.as_tensor(sigmas_train, dtype=torch.float64)
-    if st.ndim != 1 or len(st) < 2 or not torch.isfinite(st).all() or not (st[1:] > st[:-1]).all() or st[0] <= 0:
-        raise ValueError("sigmas_train must be the 1-D, positive, strictly increasing sigmas of every training index "
+    if st.ndim != 1 or len(st) < 2 or not torch.isfinite(st).all() or (st[1:] < st[:-1]).any() or st[0] < 0:
+        raise ValueError("sigmas_train must be the 1-D, finite sigmas of every training index, increasing with it "
                          "(dmlab.schedules.train_sigmas(...) or sigmas_from_alphas_cumprod(scheduler.alphas_cumprod))")
     ts = ddpm_timesteps(n_steps, len(sigmas_train), spacing, steps_offset)
     return _cast(append_zero(torch.as_tensor(sigmas_train, dtype=torch.float64)[ts]), dtype, "discrete")
