@@ -39,6 +39,17 @@ def _sigma(sigma, x: Tensor) -> Tensor:
     return as_sigma(sigma, x, dtype=torch.float64 if x.dtype in _HALF else None)
 
 
+def _out(t: Tensor, x: Tensor, what: str) -> Tensor:
+    """A float64 result cast to ``x``'s dtype; in half precision, a value beyond the dtype's range is an error
+    naming the fix rather than a silent inf."""
+    out = t.reshape(x.shape).to(x.dtype)
+    if x.dtype in _HALF and not torch.isfinite(out).all() and torch.isfinite(t).all():
+        raise ValueError(f"the {what} reaches {t.abs().max().item():.3g}, beyond {x.dtype}'s largest value "
+                         f"{torch.finfo(x.dtype).max:.4g} (a score grows like 1/sigma^2 at small sigma): pass x in "
+                         "float32 (x.float()) for this call")
+    return out
+
+
 def _flat(x: Tensor, dim: int) -> Tensor:
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
@@ -88,7 +99,8 @@ class ExactDenoiser:
 
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
         sigma = _sigma(sigma, x)
-        return self._call64(x, sigma, cond).reshape(x.shape).to(x.dtype)
+        out = self._call64(x, sigma, cond)
+        return _out(out, x, "denoiser output") if x.dtype in _HALF else out.reshape(x.shape).to(x.dtype)
 
     def score(self, x: Tensor, sigma, **cond) -> Tensor:
         """``grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2`` (Tweedie); needs ``sigma > 0``."""
@@ -98,7 +110,7 @@ class ExactDenoiser:
         if x.dtype in _HALF:  # (D - x) / sigma^2 over- or underflows in half precision: compute in float64
             s64 = sigma.to(torch.float64)
             d = self._call64(x, s64, cond) - _flat(x, self.dim)
-            return (d / s64[:, None] ** 2).reshape(x.shape).to(x.dtype)
+            return _out(d / s64[:, None] ** 2, x, f"score at sigma = {s64.min().item():.3g}")
         return (self(x, sigma, **cond) - x) / bcast(sigma, x) ** 2
 
     def _check_n(self, n: int, generator) -> None:
@@ -198,7 +210,7 @@ class GMMDenoiser(ExactDenoiser):
         z, v, logn = self._parts(_flat(x, self.dim), sigma)
         r = torch.softmax(logn + self.weights.log()[None], dim=1)
         s = -torch.einsum("kdj,bkj->bkd", self.eigvecs, z / v)
-        return (r[..., None] * s).sum(1).reshape(x.shape).to(x.dtype)
+        return _out((r[..., None] * s).sum(1), x, f"score at sigma = {sigma.min().item():.3g}")
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, return_labels: bool = False):
         """``n`` draws of the data distribution, shape ``[n, *shape]`` (float64, on the CPU like every random draw);
