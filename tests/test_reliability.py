@@ -102,7 +102,6 @@ def _full_after_tiny():
     finally:
         hc.HF_HUB_OFFLINE = before
         scale_mod._SET_BY_SETUP.clear()
-        torch.use_deterministic_algorithms(False)
 
 
 def _hub_online_unreachable():
