@@ -32,18 +32,42 @@ class Denoiser(Protocol):
     def __call__(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor: ...
 
 
-def as_sigma(sigma, x: Tensor) -> Tensor:
-    """Broadcast ``sigma`` (a float, a 0-d tensor or a ``[B]`` tensor) to shape ``[B]`` on ``x``'s device and dtype."""
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    """The dtype adapters compute their coefficients in: float32 for half-precision ``x`` (``sigma ** 2``
+    overflows float16 above sigma = 256), ``x``'s own dtype otherwise."""
+    return torch.float32 if x.dtype in _HALF else x.dtype
+
+
+def as_sigma(sigma, x: Tensor, *, dtype: torch.dtype | None = None) -> Tensor:
+    """Broadcast ``sigma`` (a float, a 0-d tensor or a ``[B]`` tensor) to shape ``[B]`` on ``x``'s device, in
+    ``x``'s dtype (or ``dtype``)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [B, ...], got {type(x).__name__}")
     if x.ndim < 1:
         raise ValueError("x must have a batch dimension: shape [B, ...]")
-    s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    dtype = x.dtype if dtype is None else dtype
+    if not dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}; "
+                        "use x.float()")
+    s = torch.as_tensor(sigma, dtype=dtype, device=x.device)
     if s.ndim == 0:
         s = s.expand(x.shape[0])
     if s.ndim != 1 or s.shape[0] != x.shape[0]:
         raise ValueError(f"sigma must be a scalar or have shape [B] = [{x.shape[0]}], got {tuple(s.shape)}")
     if (s < 0).any() or not torch.isfinite(s).all():
+        raw = torch.as_tensor(sigma)
+        if raw.dtype.is_floating_point and raw.dtype != dtype and torch.isfinite(raw).all() and (raw >= 0).all():
+            raise ValueError(f"sigma = {raw.max().item():.4g} does not fit in {dtype} (largest finite value "
+                             f"{torch.finfo(dtype).max:.4g}): noise that large needs x in float32 (x.float()), "
+                             "or a schedule with a smaller sigma_max")
+        if raw.dtype in _HALF and (raw == math.inf).any() and not raw.isnan().any():
+            raise ValueError(f"sigma is inf in {raw.dtype}, whose largest finite value is "
+                             f"{torch.finfo(raw.dtype).max:.4g}: a larger sigma (e.g. a schedule's sigma_max) "
+                             f"overflowed when cast to {raw.dtype}. Sample in float32 (x.float()), or keep "
+                             f"sigma_max below {torch.finfo(raw.dtype).max:.4g}")
         raise ValueError("sigma must be finite and non-negative (it is the std of the added noise)")
     return s
 
@@ -88,6 +112,12 @@ class EDMPrecond:
         return c_skip, c_out, c_in, c_noise
 
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
+        if x.dtype in _HALF:  # sigma^2 overflows float16 above 256: coefficients in float32, result in x's dtype
+            sigma = as_sigma(sigma, x, dtype=torch.float32)
+            c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+            xf = x.float()
+            F = net_output(self.net((bcast(c_in, x) * xf).to(x.dtype), c_noise.to(x.dtype), **cond))
+            return (bcast(c_skip, x) * xf + bcast(c_out, x) * F.float()).to(x.dtype)
         sigma = as_sigma(sigma, x)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
         F = net_output(self.net(bcast(c_in, x) * x, c_noise, **cond))
@@ -121,7 +151,18 @@ class DiscreteVPDenoiser:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
         self.model = model
         self.prediction_type = prediction_type
-        self.sigmas_train = schedules.sigmas_from_alphas_cumprod(alphas_cumprod)
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if ac.ndim != 1 or len(ac) < 2:
+            raise ValueError(f"alphas_cumprod must be a 1-D tensor of >= 2 training steps (e.g. scheduler."
+                             f"alphas_cumprod), got shape {tuple(ac.shape)}")
+        if not torch.isfinite(ac).all():
+            raise ValueError("alphas_cumprod must be finite (found NaN or inf)")
+        if (ac[1:] > ac[:-1]).any() or ac[0] == ac[-1]:
+            hint = " (it increases: reverse it with .flip(0))" if (ac[1:] >= ac[:-1]).all() else ""
+            raise ValueError("alphas_cumprod must decrease with the training index, from about 1 at t = 0 "
+                             f"(little noise) to about 0 at t = T-1{hint}; pass scheduler.alphas_cumprod or "
+                             "torch.cumprod(1 - betas, 0)")
+        self.sigmas_train = schedules.sigmas_from_alphas_cumprod(ac)
         self.quantize = bool(quantize)
 
     @classmethod
@@ -158,21 +199,25 @@ class DiscreteVPDenoiser:
         return p.dtype if p is not None else x.dtype
 
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
-        sigma = as_sigma(sigma, x)
+        half = x.dtype in _HALF  # alpha = (1 + sigma^2)^-1/2 is 0 in float16 above sigma = 256: compute in float32
+        xw = x.float() if half else x
+        sigma = as_sigma(sigma, x, dtype=_work_dtype(x))
         alpha, sigma_t = schedules.alpha_sigma_t(sigma)
-        x_vp = bcast(alpha, x) * x
+        x_vp = bcast(alpha, xw) * xw
         dt = self._dtype(x)
         # timesteps stay float32 (or float64) even for half-precision models: fp16 cannot hold 999.5
         t = self.sigma_to_t(sigma).to(device=x.device, dtype=torch.float64 if dt == torch.float64 else torch.float32)
         out = net_output(self.model(x_vp.to(dt), timestep=t, **cond))
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]
-        out = out.to(x.dtype)
+        out = out.to(xw.dtype)
         if self.prediction_type == "epsilon":
-            return x - bcast(sigma, x) * out
-        if self.prediction_type == "v_prediction":
-            return bcast(alpha, x) * x_vp - bcast(sigma_t, x) * out
-        return out
+            res = xw - bcast(sigma, xw) * out
+        elif self.prediction_type == "v_prediction":
+            res = bcast(alpha, xw) * x_vp - bcast(sigma_t, xw) * out
+        else:
+            res = out
+        return res.to(x.dtype) if half else res
 
 
 # ----------------------------------------------------------------------------------------------- flows
@@ -190,6 +235,12 @@ class FlowDenoiser:
         self.model, self.time_scale = model, float(time_scale)
 
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
+        if x.dtype in _HALF:  # t = sigma / (1 + sigma) rounds to 1 in float16 above sigma ~ 2000: float32 inside
+            sigma = as_sigma(sigma, x, dtype=torch.float32)
+            t = sigma / (1 + sigma)
+            x_t = bcast(1 - t, x) * x.float()
+            v = net_output(self.model(x_t.to(x.dtype), timestep=(t * self.time_scale).to(x.dtype), **cond))
+            return (x_t - bcast(t, x) * v.float()).to(x.dtype)
         sigma = as_sigma(sigma, x)
         t = sigma / (1 + sigma)
         x_t = bcast(1 - t, x) * x
@@ -212,13 +263,32 @@ class CFG:
         if not isinstance(uncond, dict):
             raise TypeError("uncond must be a dict of the keyword arguments of the unconditional call, "
                             "e.g. {'class_labels': torch.full((B,), n_classes)}")
+        try:
+            scale_f = float(scale)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"scale must be a number (1 = conditional, 0 = unconditional), got {scale!r}") from None
+        if not math.isfinite(scale_f):
+            raise ValueError(f"scale must be finite (1 = conditional, 0 = unconditional), got {scale!r}")
+        if batched:
+            for k, v in uncond.items():
+                if not isinstance(v, Tensor) or v.ndim == 0:
+                    raise ValueError(f"batched=True concatenates uncond and cond along the batch: uncond[{k!r}] "
+                                     "must be a tensor with a batch dimension [B, ...], e.g. "
+                                     f"torch.full((B,), {v.item() if isinstance(v, Tensor) else v!r}); "
+                                     "or use batched=False")
         self.denoiser, self.scale, self.uncond, self.batched = denoiser, float(scale), uncond, batched
 
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
-        sigma = as_sigma(sigma, x)
+        sigma = as_sigma(sigma, x, dtype=_work_dtype(x))
         if set(cond) != set(self.uncond):
             raise ValueError(f"cond keys {sorted(cond)} must match uncond keys {sorted(self.uncond)}")
         if self.batched:
+            for k in cond:
+                c, u = cond[k], self.uncond[k]
+                if not isinstance(c, Tensor) or c.ndim == 0 or c.shape[0] != x.shape[0] or u.shape[0] != x.shape[0]:
+                    raise ValueError(f"batched=True needs cond[{k!r}] and uncond[{k!r}] with batch size B = "
+                                     f"{x.shape[0]}, got {tuple(getattr(c, 'shape', ()))} and {tuple(u.shape)}; "
+                                     "or use batched=False")
             both = {k: torch.cat([self.uncond[k], cond[k]]) for k in cond}
             d_u, d_c = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
         else:
@@ -234,6 +304,8 @@ def cfg(denoiser: Callable, scale: float, uncond: dict, *, batched: bool = False
 
 def clamp(denoiser: Callable, lo: float = -1.0, hi: float = 1.0) -> Callable:
     """Clip ``x0_hat`` to ``[lo, hi]`` (static thresholding, Ho et al. 2020)."""
+    if not callable(denoiser):
+        raise TypeError("denoiser must be callable: D(x, sigma, **cond)")
     if not lo < hi:
         raise ValueError(f"need lo < hi, got lo={lo}, hi={hi}")
 
@@ -249,11 +321,13 @@ def switch_at_sigma(d_high: Callable, d_low: Callable, sigma_switch: float) -> C
     The building block of trajectory stitching (T-Stitch, Pan et al. 2024): a small model for the noisy start, a
     large one for the rest.
     """
+    if not (callable(d_high) and callable(d_low)):
+        raise TypeError("d_high and d_low must be denoisers: callables D(x, sigma, **cond)")
     if not sigma_switch >= 0:
         raise ValueError(f"sigma_switch must be >= 0, got {sigma_switch}")
 
     def switched(x, sigma, **cond):
-        sigma = as_sigma(sigma, x)
+        sigma = as_sigma(sigma, x, dtype=_work_dtype(x))
         high = sigma > sigma_switch
         if high.all():
             return d_high(x, sigma, **cond)
@@ -281,6 +355,6 @@ class RecordingDenoiser:
         return len(self.sigmas)
 
     def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
-        sigma = as_sigma(sigma, x)
+        sigma = as_sigma(sigma, x, dtype=_work_dtype(x))
         self.sigmas.append(sigma.detach().clone())
         return self.denoiser(x, sigma, **cond)

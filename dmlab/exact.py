@@ -30,7 +30,29 @@ __all__ = ["ExactDenoiser", "GMMDenoiser", "GaussianDenoiser", "EmpiricalDenoise
 _LOG2PI = math.log(2 * math.pi)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _sigma(sigma, x: Tensor) -> Tensor:
+    """``as_sigma`` in x's dtype, but float64 for half-precision ``x``: a float16 sigma loses 3 digits, overflows
+    above 65504 and underflows below 6e-8, while these denoisers compute in float64 anyway."""
+    return as_sigma(sigma, x, dtype=torch.float64 if x.dtype in _HALF else None)
+
+
+def _out(t: Tensor, x: Tensor, what: str) -> Tensor:
+    """A float64 result cast to ``x``'s dtype; in half precision, a value beyond the dtype's range is an error
+    naming the fix rather than a silent inf."""
+    out = t.reshape(x.shape).to(x.dtype)
+    if x.dtype in _HALF and not torch.isfinite(out).all() and torch.isfinite(t).all():
+        raise ValueError(f"the {what} reaches {t.abs().max().item():.3g}, beyond {x.dtype}'s largest value "
+                         f"{torch.finfo(x.dtype).max:.4g} (a score grows like 1/sigma^2 at small sigma): pass x in "
+                         "float32 (x.float()) for this call")
+    return out
+
+
 def _flat(x: Tensor, dim: int) -> Tensor:
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor (float16/bfloat16/float32/float64), got {x.dtype}")
     if x.ndim < 2 or x[0].numel() != dim:
         raise ValueError(f"x must have shape [B, ...] with {dim} values per sample (the data dimension), "
                          f"got {tuple(x.shape)}")
@@ -60,22 +82,35 @@ class ExactDenoiser:
     def denoise(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
-        sigma = as_sigma(sigma, x)
+    def _call64(self, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
+        """The denoiser in float64, ``[B, dim]``."""
         self._follow(x)
         xf = _flat(x, self.dim)
+        B = xf.shape[0]
+        for k, v in cond.items():
+            if isinstance(v, Tensor) and v.ndim and v.shape[0] != B:
+                raise ValueError(f"{k} must have one entry per sample: shape [B] = [{B}], got {tuple(v.shape)}")
         out = xf.clone()
         pos = sigma > 0
         if pos.any():
             sub = {k: (v[pos] if isinstance(v, Tensor) and v.ndim else v) for k, v in cond.items()}
             out[pos] = self.denoise(xf[pos], sigma[pos].to(torch.float64), **sub)
-        return out.reshape(x.shape).to(x.dtype)
+        return out
+
+    def __call__(self, x: Tensor, sigma, **cond) -> Tensor:
+        sigma = _sigma(sigma, x)
+        out = self._call64(x, sigma, cond)
+        return _out(out, x, "denoiser output") if x.dtype in _HALF else out.reshape(x.shape).to(x.dtype)
 
     def score(self, x: Tensor, sigma, **cond) -> Tensor:
         """``grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2`` (Tweedie); needs ``sigma > 0``."""
-        sigma = as_sigma(sigma, x)
+        sigma = _sigma(sigma, x)
         if (sigma <= 0).any():
             raise ValueError("the score of the empirical/degenerate marginal at sigma = 0 is undefined; use sigma > 0")
+        if x.dtype in _HALF:  # (D - x) / sigma^2 over- or underflows in half precision: compute in float64
+            s64 = sigma.to(torch.float64)
+            d = self._call64(x, s64, cond) - _flat(x, self.dim)
+            return _out(d / s64[:, None] ** 2, x, f"score at sigma = {s64.min().item():.3g}")
         return (self(x, sigma, **cond) - x) / bcast(sigma, x) ** 2
 
     def _check_n(self, n: int, generator) -> None:
@@ -107,6 +142,10 @@ class GMMDenoiser(ExactDenoiser):
         if mu.ndim != 2:
             raise ValueError(f"means must have shape [K, d], got {tuple(mu.shape)}")
         K, d = mu.shape
+        if K < 1 or d < 1:
+            raise ValueError(f"means must have shape [K, d] with K >= 1 components and d >= 1, got {tuple(mu.shape)}")
+        if not torch.isfinite(mu).all():
+            raise ValueError("means must be finite (found NaN or inf); check how they were computed")
         if w.shape != (K,):
             raise ValueError(f"weights must have shape [K] = [{K}] to match means, got {tuple(w.shape)}")
         if (w < 0).any() or w.sum() <= 0 or not torch.isfinite(w).all():
@@ -118,6 +157,9 @@ class GMMDenoiser(ExactDenoiser):
             C = torch.diag_embed(C)
         if C.shape != (K, d, d):
             raise ValueError(f"covs must have shape [K, d, d] = [{K}, {d}, {d}] (or [K] / [K, d]), got {tuple(C.shape)}")
+        if not torch.isfinite(C).all():
+            raise ValueError("covs must be finite (found NaN or inf); a component of infinite variance has no "
+                             "denoiser: drop it or give it a finite covariance")
         if not torch.allclose(C, C.transpose(-1, -2), atol=1e-10 * (1 + C.abs().max().item())):
             raise ValueError("covs must be symmetric; use (C + C.mT) / 2")
         lam, U = torch.linalg.eigh(C)
@@ -154,7 +196,7 @@ class GMMDenoiser(ExactDenoiser):
 
     def log_prob(self, x: Tensor, sigma) -> Tensor:
         """``log p_sigma(x)`` of the noised mixture, ``[B]`` (float64)."""
-        sigma = as_sigma(sigma, x).to(torch.float64)
+        sigma = _sigma(sigma, x).to(torch.float64)
         self._follow(x)
         if (sigma == 0).any() and (self.eigvals <= 0).any():
             raise ValueError("a mixture with singular covariances has no density at sigma = 0; use sigma > 0")
@@ -163,12 +205,12 @@ class GMMDenoiser(ExactDenoiser):
 
     def score(self, x: Tensor, sigma, **cond) -> Tensor:
         """Exact score ``-sum_k r_k (C_k + sigma^2 I)^-1 (x - mu_k)``; finite at sigma = 0 for non-singular covariances."""
-        sigma = as_sigma(sigma, x).to(torch.float64)
+        sigma = _sigma(sigma, x).to(torch.float64)
         self._follow(x)
         z, v, logn = self._parts(_flat(x, self.dim), sigma)
         r = torch.softmax(logn + self.weights.log()[None], dim=1)
         s = -torch.einsum("kdj,bkj->bkd", self.eigvecs, z / v)
-        return (r[..., None] * s).sum(1).reshape(x.shape).to(x.dtype)
+        return _out((r[..., None] * s).sum(1), x, f"score at sigma = {sigma.min().item():.3g}")
 
     def sample(self, n: int, generator: torch.Generator | None = None, *, return_labels: bool = False):
         """``n`` draws of the data distribution, shape ``[n, *shape]`` (float64, on the CPU like every random draw);
@@ -208,8 +250,15 @@ class EmpiricalDenoiser(ExactDenoiser):
     """
 
     def __init__(self, data: Tensor, labels: Tensor | None = None, *, chunk: int = 4096):
-        if not isinstance(data, Tensor) or data.ndim < 2:
-            raise ValueError("data must be a tensor of shape [N, ...] with N >= 1 samples")
+        if not isinstance(data, Tensor) or data.ndim < 2 or len(data) < 1 or data[0].numel() < 1:
+            got = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
+            raise ValueError(f"data must be a tensor of shape [N, ...] with N >= 1 samples, got {got}")
+        if not data.dtype.is_floating_point:
+            raise TypeError(f"data must be a floating-point tensor, got {data.dtype}; use data.float()")
+        if not torch.isfinite(data).all():
+            raise ValueError("data must be finite (found NaN or inf); drop or fix those samples")
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive int (rows per block, 4096 by default), got {chunk!r}")
         self.shape = tuple(data.shape[1:])
         self.dim = math.prod(self.shape)
         self.data = data.reshape(len(data), self.dim).to(torch.float64)
@@ -231,7 +280,12 @@ class EmpiricalDenoiser(ExactDenoiser):
         if class_labels is not None:
             if self.labels is None:
                 raise ValueError("class_labels given but the EmpiricalDenoiser was built without labels")
-            cl = torch.as_tensor(class_labels, device=xf.device).long().reshape(-1)
+            cl = torch.as_tensor(class_labels, device=xf.device)
+            if cl.dtype.is_floating_point or cl.dtype.is_complex or cl.dtype == torch.bool:
+                if cl.dtype == torch.bool or not torch.equal(cl, cl.round()):
+                    raise TypeError(f"class_labels must be integer class indices, got {cl.dtype} values "
+                                    "that are not whole numbers; pass e.g. torch.tensor([...]).long()")
+            cl = cl.long().reshape(-1)
             if cl.shape[0] != xf.shape[0]:
                 raise ValueError(f"class_labels must have shape [B] = [{xf.shape[0]}]")
             if ((cl < -1) | (cl >= self.n_classes)).any():
@@ -252,7 +306,7 @@ class EmpiricalDenoiser(ExactDenoiser):
 
     def log_prob(self, x: Tensor, sigma, class_labels: Tensor | None = None) -> Tensor:
         """``log p_sigma(x)``, ``[B]`` (float64); class-conditional with ``class_labels``; needs ``sigma > 0``."""
-        sigma = as_sigma(sigma, x).to(torch.float64)
+        sigma = _sigma(sigma, x).to(torch.float64)
         if (sigma <= 0).any():
             raise ValueError("the empirical distribution has no density at sigma = 0; use sigma > 0")
         self._follow(x)

@@ -44,6 +44,59 @@ def _is_local(repo_id: str) -> bool:
     return pathlib.Path(repo_id).expanduser().is_dir()
 
 
+def _looks_like_path(repo_id: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else (``/abs``, ``./rel``, ``~/x``, ``a/b/c``) is a folder."""
+    return (repo_id.startswith(("/", ".", "~")) or "\\" in repo_id or repo_id.count("/") > 1
+            or pathlib.Path(repo_id).expanduser().exists())
+
+
+def _check_local(repo_id: str, probe_file: str) -> None:
+    folder = pathlib.Path(repo_id).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"repo_id={repo_id!r} looks like a local folder, but {folder} is not a directory; pass an "
+                         f"existing folder written by save_pretrained, or a hub id such as {REPOS['sd15']!r}")
+    if not (folder / probe_file).is_file():
+        raise ValueError(f"the local folder {folder} holds no {probe_file}: it is not a saved model. Write one "
+                         f"there with .save_pretrained({str(folder)!r}), or pass a hub id")
+
+
+_PROBE_TIMEOUT_S = 3.0
+
+
+def _reachable(endpoint: str | None = None, timeout: float = _PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the hub (or the HTTPS proxy) opens within ``timeout`` seconds. Runs in a
+    daemon thread so that a hanging DNS lookup cannot block either; opens no HTTP session, sends nothing."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    if endpoint is None:
+        try:
+            from huggingface_hub import constants
+
+            endpoint = constants.ENDPOINT
+        except ImportError:  # pragma: no cover
+            endpoint = "https://huggingface.co"
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlparse(proxy if proxy else endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return False
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    th = threading.Thread(target=probe, daemon=True)
+    th.start()
+    th.join(timeout + 0.5)
+    return bool(ok)
+
+
 def _offline() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return True
@@ -64,7 +117,7 @@ def _cached(repo_id: str, filename: str) -> bool:
         return False
 
 
-def _fail(what: str, why: str, family: str) -> None:
+def _fail(what: str, why: str, family: str) -> None:  # noqa: D401
     raise HubUnavailableError(
         f"{what}: {why}. Full-scale models need a GPU and the Hugging Face hub: run this notebook on Colab "
         f"(Runtime > Change runtime type > GPU) or any CUDA machine with internet, with DMLAB_SCALE=full. "
@@ -84,19 +137,26 @@ def resolve(repo_id: str, *, family: str, probe_file: str, device: str | None, r
         _fail(repo_id, "no GPU is visible (pass require_gpu=False to run it on the CPU anyway, very slowly)", family)
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         _fail(repo_id, f"device={device!r} was asked for but torch sees no CUDA GPU", family)
-    if _is_local(repo_id):
+    if _looks_like_path(repo_id):
+        _check_local(repo_id, probe_file)
         return device, True
     if _offline():
         if not _cached(repo_id, probe_file):
-            _fail(repo_id, "HF_HUB_OFFLINE=1 and the model is not in the local Hugging Face cache", family)
+            _fail(repo_id, "HF_HUB_OFFLINE=1 and the model is not in the local Hugging Face cache (a tiny-scale "
+                  "dmlab.setup() sets HF_HUB_OFFLINE=1; dmlab.setup(scale='full') unsets it again)", family)
         return device, True
+    if not _reachable():
+        if _cached(repo_id, probe_file):
+            return device, True
+        _fail(repo_id, f"the Hugging Face hub is not reachable within {_PROBE_TIMEOUT_S:g} s (no internet?) and "
+              "the model is not in the local cache", family)
     return device, False
 
 
 def _dtype(dtype, device: str) -> torch.dtype:
     if dtype is not None:
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}")
         return dtype
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
@@ -110,7 +170,13 @@ def _quiet():
 
 
 def _wrap_os_error(repo_id: str, family: str, err: Exception):
-    _fail(repo_id, f"loading failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})", family)
+    msg = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+    if _looks_like_path(repo_id):
+        raise ValueError(f"could not load the local folder {repo_id!r} ({msg}); it must be a complete "
+                         "save_pretrained() folder of this model type") from err
+    if not isinstance(err, OSError):
+        raise err
+    _fail(repo_id, f"loading failed ({msg})", family)
 
 
 def load_sd(version: str = "1.5", *, repo_id: str | None = None, device: str | None = None, dtype=None,
@@ -121,6 +187,8 @@ def load_sd(version: str = "1.5", *, repo_id: str | None = None, device: str | N
     ``scheduler="ddim"`` swaps in a ``DDIMScheduler`` from the pipeline's own config. Rombach et al. 2022.
     """
     ids = {"1.5": REPOS["sd15"], "2.1": REPOS["sd21"], "2.1-base": REPOS["sd21-base"]}
+    if scheduler not in (None, "ddim"):
+        raise ValueError(f"scheduler must be None or 'ddim', got {scheduler!r}")
     if repo_id is None:
         if version not in ids:
             raise ValueError(f"unknown Stable Diffusion version {version!r}; use one of {sorted(ids)} or repo_id=...")
@@ -134,7 +202,7 @@ def load_sd(version: str = "1.5", *, repo_id: str | None = None, device: str | N
             pipe = StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device),
                                                            safety_checker=None, requires_safety_checker=False,
                                                            local_files_only=local)
-    except OSError as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         _wrap_os_error(repo_id, "sd", err)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -156,7 +224,7 @@ def load_dit(*, repo_id: str | None = None, device: str | None = None, dtype=Non
     try:
         with _quiet():
             pipe = DiTPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device), local_files_only=local)
-    except OSError as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         _wrap_os_error(repo_id, "dit", err)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -179,6 +247,6 @@ def load_dinov2(size: str = "small", *, repo_id: str | None = None, device: str 
     try:
         model = AutoModel.from_pretrained(repo_id, dtype=_dtype(dtype, device), local_files_only=local)
         processor = AutoImageProcessor.from_pretrained(repo_id, local_files_only=local)
-    except OSError as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:
         _wrap_os_error(repo_id, "dinov2", err)
     return model.to(device).eval(), processor

@@ -62,9 +62,15 @@ def log_likelihood(denoiser: Callable, x: Tensor, *, sigma_min: float = 1e-3, si
     """
     from scipy.integrate import solve_ivp
 
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if not isinstance(hutchinson, int) or hutchinson < 0:
+    if not callable(denoiser):
+        raise TypeError("denoiser must be callable: D(x, sigma, **cond)")
+    if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] < 1:
+        raise ValueError(f"x must be a tensor of data points [B, ...], got {getattr(x, 'shape', type(x).__name__)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("x must be finite (found NaN or inf)")
+    if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
+        raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+    if isinstance(hutchinson, bool) or not isinstance(hutchinson, int) or hutchinson < 0:
         raise ValueError("hutchinson must be 0 (exact divergence) or a positive number of probes")
     if hutchinson and generator is None:
         raise TypeError("Hutchinson probes need a torch.Generator (generator=gen)")

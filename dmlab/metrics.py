@@ -33,9 +33,30 @@ __all__ = ["frechet_distance", "feature_stats", "digits_features", "digits_fd", 
 def _check_2d(f, name: str) -> Tensor:
     if not isinstance(f, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor [N, D], got {type(f).__name__}")
-    if f.ndim != 2 or f.shape[0] < 2:
+    if f.ndim != 2 or f.shape[0] < 2 or f.shape[1] < 1:
         raise ValueError(f"{name} must have shape [N, D] with N >= 2, got {tuple(f.shape)}")
-    return f.detach().to("cpu", torch.float64)
+    if not (f.dtype.is_floating_point or f.dtype in (torch.int32, torch.int64, torch.uint8)):
+        raise TypeError(f"{name} must be a real-valued tensor, got {f.dtype}")
+    f = f.detach().to("cpu", torch.float64)
+    if not torch.isfinite(f).all():
+        bad = int((~torch.isfinite(f)).any(1).sum())
+        raise ValueError(f"{name} holds NaN or inf in {bad} of {f.shape[0]} rows: a metric of non-finite samples "
+                         "means nothing; find where they diverged (e.g. a sampler in half precision) or drop them")
+    return f
+
+
+def _check_gmm(weights, means, covs, dim: int):
+    w, mu, cov = (torch.as_tensor(t, dtype=torch.float64) for t in (weights, means, covs))
+    if mu.ndim != 2 or w.shape != (mu.shape[0],) or cov.shape != (mu.shape[0], mu.shape[1], mu.shape[1]):
+        raise ValueError(f"the mixture must be weights [K], means [K, D], covs [K, D, D]; got {tuple(w.shape)}, "
+                         f"{tuple(mu.shape)}, {tuple(cov.shape)}")
+    if mu.shape[1] != dim:
+        raise ValueError(f"means have dimension {mu.shape[1]}, samples {dim}")
+    if not (torch.isfinite(w).all() and torch.isfinite(mu).all() and torch.isfinite(cov).all()):
+        raise ValueError("the mixture's weights, means and covs must be finite (found NaN or inf)")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError("weights must be non-negative and not all zero")
+    return w, mu, cov
 
 
 # ----------------------------------------------------------------------------------------------- Fréchet
@@ -82,8 +103,11 @@ def _classifier(classifier):
 def digits_features(x: Tensor, classifier=None, *, batch_size: int = 512) -> Tensor:
     """Penultimate features ``[N, 64]`` of digit images ``[N, 1, 8|16, 8|16]`` in ``[-1, 1]``."""
     clf = _classifier(classifier)
-    if not isinstance(x, Tensor) or x.ndim != 4:
+    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[0] < 1:
         raise ValueError("x must be images [N, 1, H, W] in [-1, 1]")
+    if not torch.isfinite(x).all():
+        raise ValueError("x holds NaN or inf pixels: features of non-finite images mean nothing; find where the "
+                         "samples diverged or drop them")
     p = next(clf.parameters())
     return torch.cat([clf.features(x[i:i + batch_size].to(p.device, p.dtype)).double().cpu()
                       for i in range(0, x.shape[0], batch_size)])
@@ -117,6 +141,10 @@ def digits_fd_floor(n: int, *, generator: torch.Generator, classifier=None, repe
 
     if not isinstance(generator, torch.Generator):
         raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int (the number of generated samples), got {n!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     xtr, _ = load_digits("train", size=size)
     xtr = xtr[classifier_rows("odd", xtr.shape[0])]
     if not 2 <= n <= xtr.shape[0]:
@@ -171,7 +199,12 @@ def digits_real_like(labels: Tensor, *, generator: torch.Generator, size: int = 
 
     if not isinstance(generator, torch.Generator):
         raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
-    labels = torch.as_tensor(labels).long().cpu()
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point and not torch.equal(labels, labels.round()):
+        raise TypeError(f"labels must be integer digit classes, got non-integer {labels.dtype} values")
+    labels = labels.long().cpu()
+    if labels.numel() and ((labels < 0) | (labels > 9)).any():
+        raise ValueError("labels must be digit classes 0..9")
     if labels.ndim != 1:
         raise ValueError(f"labels must be a 1-D tensor of digit classes, got shape {tuple(labels.shape)}")
     x, y = load_digits("train", size=size)
@@ -191,8 +224,12 @@ def digits_real_like(labels: Tensor, *, generator: torch.Generator, size: int = 
 @torch.no_grad()
 def class_accuracy(x: Tensor, labels: Tensor, *, classifier=None) -> float:
     """Fraction of images ``x`` the digit classifier assigns to ``labels`` (conditional accuracy of samples)."""
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise ValueError("x must be images [N, 1, H, W] in [-1, 1]")
     clf = _classifier(classifier)
     labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point:
+        raise TypeError(f"labels must be integer digit classes, got {labels.dtype}; use labels.long()")
     if labels.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape [{x.shape[0]}], got {tuple(labels.shape)}")
     p = next(clf.parameters())
@@ -206,6 +243,9 @@ def mmd(x: Tensor, y: Tensor, *, bandwidths=None) -> float:
     """Unbiased squared MMD between samples ``x [N, ...]`` and ``y [M, ...]`` with the kernel
     ``sum_h exp(-|a-b|^2 / (2 h^2))`` (Gretton et al. 2012). ``bandwidths`` default: the median pairwise distance
     of the pooled samples times (0.5, 1, 2). Flattened, float64. Can be slightly negative when x, y match."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, Tensor) or t.ndim < 1:
+            raise TypeError(f"{name} must be a torch.Tensor of samples [N, ...], got {type(t).__name__}")
     x, y = _check_2d(x.reshape(x.shape[0], -1), "x"), _check_2d(y.reshape(y.shape[0], -1), "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
@@ -214,6 +254,10 @@ def mmd(x: Tensor, y: Tensor, *, bandwidths=None) -> float:
     if bandwidths is None:
         med = d2[~torch.eye(len(z), dtype=torch.bool)].median().sqrt().item()
         bandwidths = [0.5 * med, med, 2 * med]
+        if med == 0:
+            raise ValueError("all samples are identical (median pairwise distance 0): pass bandwidths=[...]")
+    elif not bandwidths or not all(float(h) > 0 and math.isfinite(float(h)) for h in bandwidths):
+        raise ValueError(f"bandwidths must be a non-empty list of positive, finite kernel widths, got {bandwidths!r}")
     k = sum(torch.exp(-d2 / (2 * float(h) ** 2)) for h in bandwidths)
     n, m = x.shape[0], y.shape[0]
     kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
@@ -244,6 +288,10 @@ def pck(pred: Tensor, target: Tensor, *, alpha: float = 0.1, size: float | Tenso
                          f"{tuple(target.shape)}")
     if not alpha > 0:
         raise ValueError(f"alpha must be positive (0.1 is usual), got {alpha}")
+    if not (torch.as_tensor(size, dtype=torch.float64) > 0).all():
+        raise ValueError(f"size must be positive: the image's max(H, W) in pixels, got {size!r}")
+    if not (torch.isfinite(pred).all() and torch.isfinite(target).all()):
+        raise ValueError("pred and target must be finite keypoints (found NaN or inf)")
     dist = (pred.double() - target.double()).norm(dim=-1)
     return float((dist <= alpha * torch.as_tensor(size, dtype=torch.float64)).double().mean())
 
@@ -252,10 +300,10 @@ def pck(pred: Tensor, target: Tensor, *, alpha: float = 0.1, size: float | Tenso
 def gmm_log_prob(x: Tensor, weights: Tensor, means: Tensor, covs: Tensor) -> Tensor:
     """Exact ``log p(x)`` ``[N]`` under a Gaussian mixture (weights ``[K]``, means ``[K, D]``, covs ``[K, D, D]``),
     in float64."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor [N, D], got {type(x).__name__}")
     x = _check_2d(x, "x") if x.ndim == 2 else _check_2d(x.reshape(x.shape[0], -1), "x")
-    w, mu, cov = (torch.as_tensor(t, dtype=torch.float64) for t in (weights, means, covs))
-    if mu.shape[1] != x.shape[1]:
-        raise ValueError(f"means have dimension {mu.shape[1]}, samples {x.shape[1]}")
+    w, mu, cov = _check_gmm(weights, means, covs, x.shape[1])
     comp = torch.distributions.MultivariateNormal(mu, covariance_matrix=cov)
     return torch.logsumexp(comp.log_prob(x[:, None, :]) + (w / w.sum()).log(), dim=1)
 
@@ -273,7 +321,7 @@ def gmm_mode_stats(x: Tensor, weights: Tensor, means: Tensor, covs: Tensor, *, n
     "modes_covered": components with at least one sample, "kl_modes": KL(empirical mode frequencies || weights)}``
     (the standard mode-collapse diagnostics of the 2-D mixture benchmarks, e.g. Srivastava et al. 2017)."""
     x = _check_2d(x, "x")
-    w, mu, cov = (torch.as_tensor(t, dtype=torch.float64) for t in (weights, means, covs))
+    w, mu, cov = _check_gmm(weights, means, covs, x.shape[1])
     comp = torch.distributions.MultivariateNormal(mu, covariance_matrix=cov)
     lp = comp.log_prob(x[:, None, :]) + (w / w.sum()).log()
     k = lp.argmax(1)
@@ -292,7 +340,11 @@ def gmm_kl(p: tuple, q: tuple, *, n: int, generator: torch.Generator) -> float:
     samples of ``p`` drawn from ``generator`` (no closed form exists for mixtures; Hershey & Olsen 2007)."""
     if not isinstance(generator, torch.Generator):
         raise TypeError("generator must be a torch.Generator")
-    w, mu, cov = (torch.as_tensor(t, dtype=torch.float64) for t in p)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int (Monte Carlo samples of p), got {n!r}")
+    if not (isinstance(p, (tuple, list)) and len(p) == 3 and isinstance(q, (tuple, list)) and len(q) == 3):
+        raise TypeError("p and q must each be a (weights, means, covs) tuple")
+    w, mu, cov = _check_gmm(*p, torch.as_tensor(p[1]).shape[-1])
     k = torch.multinomial(w / w.sum(), n, replacement=True, generator=generator)
     L = torch.linalg.cholesky(cov)
     z = torch.randn(n, mu.shape[1], generator=generator, dtype=torch.float64)

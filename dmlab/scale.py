@@ -89,15 +89,46 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> torch.Generator
     return torch.Generator("cpu").manual_seed(seed)
 
 
+_SET_BY_SETUP: dict[str, str] = {}  # environment variables setup() set itself (and may therefore unset)
+
+
+def _hub_offline_flag(value: bool) -> None:
+    """huggingface_hub reads HF_HUB_OFFLINE once, at import: keep its flag in step with what setup changed."""
+    import sys
+
+    constants = getattr(sys.modules.get("huggingface_hub"), "constants", None)
+    if constants is not None and hasattr(constants, "HF_HUB_OFFLINE"):
+        constants.HF_HUB_OFFLINE = value
+
+
+def _set_offline_for(sc: "Scale") -> None:
+    on = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+    if sc.tiny:
+        if "HF_HUB_OFFLINE" not in os.environ:
+            os.environ["HF_HUB_OFFLINE"] = _SET_BY_SETUP["HF_HUB_OFFLINE"] = "1"
+            _hub_offline_flag(True)
+        return
+    if _SET_BY_SETUP.get("HF_HUB_OFFLINE") is not None and os.environ.get("HF_HUB_OFFLINE") == "1":
+        # a tiny-scale setup() earlier in this kernel put the hub offline: undo exactly that
+        del os.environ["HF_HUB_OFFLINE"]
+        _SET_BY_SETUP.pop("HF_HUB_OFFLINE")
+        _hub_offline_flag(os.environ.get("TRANSFORMERS_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on"))
+    elif on:
+        warnings.warn("DMLAB_SCALE=full with HF_HUB_OFFLINE set outside dmlab: full-scale models load only from the "
+                      "local Hugging Face cache. To download them, unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) "
+                      "and restart the runtime (Runtime > Restart session on Colab)", stacklevel=3)
+
+
 def setup(seed: int = 0, *, scale: str | None = None, deterministic: bool = True) -> tuple[Scale, torch.Generator]:
     """Prepare a chapter: pick the scale, seed everything, quiet the libraries; return ``(SCALE, gen)``.
 
     At tiny scale the Hugging Face hub is put in offline mode (``HF_HUB_OFFLINE=1``) unless the caller set it, so a
-    missing model fails at once instead of retrying for half a minute.
+    missing model fails at once instead of retrying for half a minute. A later full-scale ``setup`` in the same
+    kernel unsets what a tiny one set (no restart needed); an ``HF_HUB_OFFLINE`` set outside dmlab is left alone,
+    with a warning that downloads need it unset and the runtime restarted.
     """
     sc = get_scale(scale)
-    if sc.tiny:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _set_offline_for(sc)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

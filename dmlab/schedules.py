@@ -46,7 +46,10 @@ def schedule_floats(sigmas: Tensor, *, min_steps: int = 1, name: str = "sigmas")
         raise ValueError(f"{name} has {len(lst) - 1} step(s); this sampler needs at least {min_steps} "
                          f"(pass a longer schedule, e.g. dmlab.schedules.karras({max(min_steps, 2)}))")
     if not all(math.isfinite(v) for v in lst):
-        raise ValueError(f"{name} must be finite")
+        raise ValueError(f"{name} must be finite (found NaN or inf{_dtype_hint(sigmas)})")
+    if lst[0] <= lst[-1] and len(set(lst)) > 1:
+        raise ValueError(f"{name} must go from sigma_max down to 0, but it increases ({lst[0]:.4g} first, "
+                         f"{lst[-1]:.4g} last); reverse it with {name}.flip(0)")
     if lst[-1] != 0:
         raise ValueError(f"{name} must end in 0; use dmlab.schedules.append_zero({name})")
     if min(lst) < 0:
@@ -54,6 +57,29 @@ def schedule_floats(sigmas: Tensor, *, min_steps: int = 1, name: str = "sigmas")
     if any(b >= a for a, b in zip(lst, lst[1:])):
         raise ValueError(f"{name} must be strictly decreasing (from sigma_max down to 0); reverse it with .flip(0)")
     return lst
+
+
+def _dtype_hint(sigmas: Tensor) -> str:
+    if sigmas.dtype in (torch.float16, torch.bfloat16):
+        return (f"; {sigmas.dtype} holds sigmas up to {torch.finfo(sigmas.dtype).max:.4g} only: build the schedule "
+                "in float64 (the default) and let the sampler cast")
+    return ""
+
+
+def _cast(sig: Tensor, dtype, fn: str) -> Tensor:
+    """Cast a float64 grid to ``dtype``; refuse a dtype that turns its sigmas into inf or 0 or merges two of them."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"{fn}: dtype must be a floating torch.dtype such as torch.float64, got {dtype!r}")
+    out = sig.to(dtype)
+    if dtype != torch.float64:
+        lst = out[:-1].tolist()
+        if not all(math.isfinite(v) and v > 0 for v in lst) or any(b >= a for a, b in zip(lst, lst[1:])):
+            fi = torch.finfo(dtype)
+            raise ValueError(f"{fn}: sigmas from {sig[-2].item():.3g} to {sig[0].item():.3g} do not fit in {dtype} "
+                             f"(finite values {fi.tiny:.3g}..{fi.max:.4g}, {fi.eps:.2g} relative spacing): "
+                             "the grid would hold inf, 0 or repeated sigmas. Use dtype=torch.float32 or float64, "
+                             "or a narrower range")
+    return out
 
 
 def check_schedule(sigmas: Tensor, *, min_steps: int = 1, name: str = "sigmas") -> Tensor:
@@ -71,6 +97,9 @@ def _check_n(n_steps: int) -> None:
 
 
 def _check_range(sigma_min: float, sigma_max: float) -> None:
+    for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+        if isinstance(v, (bool, str)) or not hasattr(v, "__float__"):
+            raise TypeError(f"{k} must be a number, got {type(v).__name__}")
     if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
         raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
 
@@ -87,10 +116,10 @@ def karras(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho:
     if rho <= 0:
         raise ValueError(f"rho must be positive (EDM uses 7), got {rho}")
     if n_steps == 1:
-        return append_zero(torch.tensor([sigma_max], dtype=dtype))
+        return _cast(append_zero(torch.tensor([sigma_max], dtype=torch.float64)), dtype, "karras")
     ramp = torch.linspace(0, 1, n_steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return append_zero((hi + ramp * (lo - hi)) ** rho).to(dtype)
+    return _cast(append_zero((hi + ramp * (lo - hi)) ** rho), dtype, "karras")
 
 
 def log_uniform(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
@@ -99,8 +128,9 @@ def log_uniform(n_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
     _check_n(n_steps)
     _check_range(sigma_min, sigma_max)
     if n_steps == 1:
-        return append_zero(torch.tensor([sigma_max], dtype=dtype))
-    return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n_steps, dtype=torch.float64).exp()).to(dtype)
+        return _cast(append_zero(torch.tensor([sigma_max], dtype=torch.float64)), dtype, "log_uniform")
+    return _cast(append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n_steps,
+                                            dtype=torch.float64).exp()), dtype, "log_uniform")
 
 
 def vp_linear(n_steps: int, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_max: float = 1.0,
@@ -114,7 +144,7 @@ def vp_linear(n_steps: int, beta_min: float = 0.1, beta_max: float = 20.0, t_min
         raise ValueError("need 0 < t_min < t_max <= 1 and 0 <= beta_min < beta_max")
     t = torch.linspace(t_max, t_min, n_steps, dtype=torch.float64)
     log_abar = -beta_min * t - 0.5 * (beta_max - beta_min) * t ** 2
-    return append_zero(torch.expm1(-log_abar).sqrt()).to(dtype)
+    return _cast(append_zero(torch.expm1(-log_abar).sqrt()), dtype, "vp_linear")
 
 
 def vp_cosine(n_steps: int, s: float = 0.008, t_min: float = 1e-3, t_max: float = 0.99,
@@ -129,7 +159,7 @@ def vp_cosine(n_steps: int, s: float = 0.008, t_min: float = 1e-3, t_max: float 
     t = torch.linspace(t_max, t_min, n_steps, dtype=torch.float64)
     f = lambda u: torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     abar = f(t) / f(torch.zeros((), dtype=torch.float64))
-    return append_zero((1 / abar - 1).sqrt()).to(dtype)
+    return _cast(append_zero((1 / abar - 1).sqrt()), dtype, "vp_cosine")
 
 
 # ----------------------------------------------------------------------------------------------- discrete DDPM
@@ -152,8 +182,9 @@ def betas_for(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_en
 def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     """The training sigmas ``sqrt((1 - alpha_bar) / alpha_bar)`` of a discrete VP schedule (increasing with the index)."""
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    if ac.ndim != 1 or ((ac <= 0) | (ac > 1)).any():
-        raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1]")
+    if ac.ndim != 1 or not torch.isfinite(ac).all() or ((ac <= 0) | (ac > 1)).any():
+        raise ValueError("alphas_cumprod must be a 1-D tensor with values in (0, 1] (a zero-terminal-SNR schedule "
+                         "ends in 0: clamp it, e.g. .clamp_min(2 ** -24) as diffusers does)")
     return ((1 - ac) / ac).sqrt()
 
 
@@ -186,8 +217,12 @@ def ddpm_timesteps(n_steps: int, num_train_timesteps: int = 1000, spacing: str =
 def discrete(n_steps: int, sigmas_train: Tensor, spacing: str = "leading", steps_offset: int = 0,
              *, dtype: torch.dtype = torch.float64) -> Tensor:
     """A schedule made of the training sigmas at the indices :func:`ddpm_timesteps` picks, then 0."""
+    st = torch.as_tensor(sigmas_train, dtype=torch.float64)
+    if st.ndim != 1 or len(st) < 2 or not torch.isfinite(st).all() or (st[1:] < st[:-1]).any() or st[0] < 0:
+        raise ValueError("sigmas_train must be the 1-D, finite sigmas of every training index, increasing with it "
+                         "(dmlab.schedules.train_sigmas(...) or sigmas_from_alphas_cumprod(scheduler.alphas_cumprod))")
     ts = ddpm_timesteps(n_steps, len(sigmas_train), spacing, steps_offset)
-    return append_zero(torch.as_tensor(sigmas_train, dtype=torch.float64)[ts]).to(dtype)
+    return _cast(append_zero(torch.as_tensor(sigmas_train, dtype=torch.float64)[ts]), dtype, "discrete")
 
 
 def sigma_to_index(sigma: Tensor, sigmas_train: Tensor) -> Tensor:
@@ -217,6 +252,9 @@ def index_to_sigma(t: Tensor, sigmas_train: Tensor) -> Tensor:
 def alpha_sigma_t(sigma: Tensor) -> tuple[Tensor, Tensor]:
     """VP scales of a VE sigma: ``alpha = 1/sqrt(1 + sigma^2)``, ``sigma_t = sigma * alpha``."""
     sigma = torch.as_tensor(sigma)
+    if sigma.dtype in (torch.float16, torch.bfloat16):  # sigma^2 overflows float16 above 256: compute in float32
+        alpha = (1 + sigma.float() ** 2).rsqrt()
+        return alpha.to(sigma.dtype), (sigma.float() * alpha).to(sigma.dtype)
     alpha = (1 + sigma ** 2).rsqrt()
     return alpha, sigma * alpha
 

@@ -141,3 +141,66 @@ def test_net_output_reads_diffusers_returns():
     assert reexported is net_output
     with pytest.raises(TypeError, match="cannot read a tensor"):
         net_output(("not a tensor",))
+
+
+# ----------------------------------------------------------------------------------------------- reliability
+HALF_TOL = {torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+class _Lin(torch.nn.Module):
+    """A 'network' with one parameter in the model's dtype: output = 0.5 * input (no cancellation in x0)."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((), 0.5, dtype=dtype))
+        self.seen = []
+
+    def forward(self, x, timestep=None, **cond):
+        self.seen.append(x.detach().clone())
+        return x * self.w
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapters_in_half_precision_match_float64_up_to_sigma_1e4(dtype, gen):
+    x64 = torch.randn(8, 2, generator=gen, dtype=torch.float64)
+    for s in schedules.karras(10, 0.002, 1e4)[:-1].tolist():
+        xh = (x64 * s).to(dtype)
+        for kind in ("epsilon", "v_prediction", "sample"):
+            net = _Lin(dtype)
+            out = DiscreteVPDenoiser(net, AC, kind)(xh, s)
+            ref = DiscreteVPDenoiser(_Lin(torch.float64), AC, kind)(xh.double(), s)
+            assert out.dtype == dtype and torch.isfinite(out).all(), (kind, s)
+            assert (out.double() - ref).norm() <= HALF_TOL[dtype] * ref.norm(), (kind, s)
+            assert net.seen[-1].abs().max() > 0  # alpha x is not flushed to 0 above sigma = 256
+        for den in (EDMPrecond(lambda x, c: torch.tanh(x)), FlowDenoiser(lambda x, timestep: 0.5 * x),
+                    cfg(G, 3.0, {})):
+            out, ref = den(xh, s), den(xh.double(), s)
+            assert out.dtype == dtype and torch.isfinite(out).all(), (den, s)
+            assert (out.double() - ref).norm() <= HALF_TOL[dtype] * ref.norm().clamp_min(1e-3), (den, s)
+
+
+def test_sigma_beyond_half_range_names_the_dtype():
+    x = torch.zeros(2, 2, dtype=torch.float16)
+    with pytest.raises(ValueError, match="does not fit in torch.float16.*float32"):
+        as_sigma(torch.full((2,), 1e5, dtype=torch.float64), x)
+    with pytest.raises(ValueError, match="inf in torch.float16.*float32"):
+        as_sigma(torch.full((2,), 1e5).half(), x)
+    with pytest.raises(ValueError, match="finite and non-negative"):  # a real NaN keeps the plain message
+        as_sigma(torch.full((2,), float("nan")), x)
+
+
+def test_discrete_vp_refuses_a_reversed_alphas_cumprod():
+    with pytest.raises(ValueError, match="decrease with the training index.*flip"):
+        DiscreteVPDenoiser(lambda x, timestep: x, torch.linspace(0.01, 0.99, 10))
+    with pytest.raises(ValueError, match="finite"):
+        DiscreteVPDenoiser(lambda x, timestep: x, torch.tensor([0.9, float("nan"), 0.1]))
+
+
+def test_cfg_batched_needs_batched_conditioning():
+    with pytest.raises(ValueError, match="batch dimension"):
+        cfg(G, 2.0, {"class_labels": torch.tensor(10)}, batched=True)
+    d = cfg(lambda x, s, **c: x, 2.0, {"class_labels": torch.full((3,), 10)}, batched=True)
+    with pytest.raises(ValueError, match="batch size B = 3"):
+        d(torch.zeros(3, 2), 1.0, class_labels=torch.zeros(2).long())
+    with pytest.raises(ValueError, match="finite"):
+        cfg(G, float("inf"), {})

@@ -159,3 +159,59 @@ def test_to_moves_buffers_and_calls_follow_the_input(smooth_gmm, gen):
         assert d._device == x.device  # a call records the device it followed (tests/gpu run it on CUDA)
         assert d.to("meta") is d
         assert all(v.device.type == "meta" for v in vars(d).values() if isinstance(v, torch.Tensor))
+
+
+# ----------------------------------------------------------------------------------------------- reliability
+NAN, INF = float("nan"), float("inf")
+M2 = torch.tensor([[-2.0, 0.0], [2.0, 0.0]])
+
+
+@pytest.mark.parametrize("means,covs", [(M2 * NAN, torch.full((2,), .3)), (M2, torch.tensor([.3, NAN])),
+                                        (M2, torch.tensor([.3, INF])), (M2 + INF, torch.full((2,), .3))])
+def test_gmm_refuses_non_finite_parameters(means, covs):
+    with pytest.raises(ValueError, match="must be finite"):
+        GMMDenoiser(torch.ones(2), means, covs)
+
+
+def test_empirical_refuses_bad_data_and_conditioning():
+    with pytest.raises(ValueError, match="N >= 1"):
+        EmpiricalDenoiser(torch.empty(0, 2))
+    with pytest.raises(ValueError, match="finite"):
+        EmpiricalDenoiser(torch.tensor([[0.0, NAN]]))
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        EmpiricalDenoiser(torch.randn(3, 2), chunk=0)
+    e = EmpiricalDenoiser(torch.randn(10, 2, dtype=torch.float64), torch.arange(10) % 2, chunk=3)
+    x = torch.zeros(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"one entry per sample: shape \[B\] = \[4\]"):
+        e(x, 1.0, class_labels=torch.zeros(3).long())
+    with pytest.raises(TypeError, match="integer class indices"):
+        e(x, 1.0, class_labels=torch.tensor([0.7, 1.2, 0.0, 1.0]))
+    # whole-number floats are class indices: same answer as the integer labels
+    torch.testing.assert_close(e(x, 1.0, class_labels=torch.tensor([0.0, 1.0, 0.0, 1.0])),
+                               e(x, 1.0, class_labels=torch.tensor([0, 1, 0, 1])))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_exact_denoisers_in_half_precision(dtype, tol, smooth_gmm, gen):
+    """Half-precision x, float64 inside: finite and as accurate as the input's own rounding, over the EDM grid
+    and up to sigma = 1e4 (the denoiser, the score, and sigmas below float16's smallest subnormal)."""
+    emp = EmpiricalDenoiser(torch.randn(50, 2, generator=gen, dtype=torch.float64))
+    z = torch.randn(16, 2, generator=gen, dtype=torch.float64)
+    for s in torch.cat([schedules_karras(0.002, 80), schedules_karras(1.0, 1e4)]).tolist() + [1e-8]:
+        xh = (z * max(s, 1.0)).to(dtype)
+        for d in (smooth_gmm, emp):
+            for f in (d, d.score):
+                ref = f(xh.double(), s)
+                if ref.abs().max() > torch.finfo(dtype).max:  # the true value does not fit: a clear error
+                    with pytest.raises(ValueError, match=f"beyond {dtype}.*float32"):
+                        f(xh, s)
+                    continue
+                out = f(xh, s)
+                assert out.dtype == dtype and torch.isfinite(out).all(), (f, s)
+                assert (out.double() - ref).norm() <= tol * ref.norm().clamp_min(1e-6), (f, s)
+
+
+def schedules_karras(lo, hi):
+    from dmlab.schedules import karras
+
+    return karras(8, lo, hi)[:-1]

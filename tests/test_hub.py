@@ -84,3 +84,34 @@ def test_dinov2_loader_on_a_config_built_stand_in(tmp_path):
     with torch.no_grad():
         out = model(**proc(images=img, return_tensors="pt"))
     assert out.last_hidden_state.shape == (1, 17, 32) and not model.training
+
+
+def test_reachability_probe_gives_up_quickly():
+    t0 = time.perf_counter()
+    assert hub._reachable("https://127.0.0.1:9", timeout=0.5) is False  # discard port: refused at once
+    assert hub._reachable("https://", timeout=0.5) is False
+    assert time.perf_counter() - t0 < 5
+
+
+def test_without_offline_mode_an_unreachable_hub_fails_fast(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "_offline", lambda: False)
+    monkeypatch.setattr(hub, "_reachable", lambda *a, **k: False)  # never touch a real network from the tests
+    monkeypatch.setattr(hub, "_cached", lambda repo_id, filename: False)
+    with pytest.raises(hub.HubUnavailableError, match="not reachable within 3 s.*not in the local cache.*Colab"):
+        hub.load_sd("1.5", device="cpu", require_gpu=False)
+    monkeypatch.setattr(hub, "_cached", lambda repo_id, filename: True)  # cached: load from the cache, offline
+    assert hub.resolve("org/x", family="sd", probe_file="model_index.json", device="cpu", require_gpu=False) == \
+        ("cpu", True)
+
+
+def test_local_folders_get_local_errors(tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        hub.load_sd(repo_id=str(tmp_path / "missing"), device="cpu", require_gpu=False)
+    with pytest.raises(ValueError, match="holds no model_index.json.*save_pretrained"):
+        hub.load_sd(repo_id=str(tmp_path), device="cpu", require_gpu=False)
+    from dmlab.zoo import store
+
+    with pytest.raises(ValueError, match="could not load the local folder") as err:
+        hub.load_dit(repo_id=str(store.zoo_dir() / "sd_tiny"), device="cpu", require_gpu=False)
+    assert "Colab" not in str(err.value)

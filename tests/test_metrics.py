@@ -124,3 +124,22 @@ def test_kid_terms_average_to_kid_and_their_spread_matches_redraws(gen):
     assert 0.7 < float(se / draws.std()) < 1.3, (float(se), float(draws.std()))
     with pytest.raises(ValueError, match="feature widths"):
         metrics.kid_terms(a, ref[:, :4])
+
+
+def test_non_finite_features_and_mixtures_are_refused():
+    f = torch.randn(20, 3, generator=torch.Generator().manual_seed(0))
+    g = f.clone()
+    g[3, 1] = float("nan")
+    for fn in (metrics.frechet_distance, metrics.kid, metrics.mmd):
+        with pytest.raises(ValueError, match="NaN or inf in 1 of 20 rows"):
+            fn(g, f)
+    w, mu, cov = torch.ones(2), torch.tensor([[-1.0, 0.0], [1.0, 0.0]]), torch.eye(2).repeat(2, 1, 1)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.gmm_nll(g[:, :2], w, mu, cov)
+    with pytest.raises(ValueError, match="must be finite"):
+        metrics.gmm_mode_stats(f[:, :2], w, mu, cov * float("inf"))
+    with pytest.raises(ValueError, match="bandwidths"):
+        metrics.mmd(torch.ones(5, 2), torch.ones(5, 2))
+    # half-precision features: the same distance as their float32 values
+    assert metrics.frechet_distance(f.half(), f[:10].half()) == metrics.frechet_distance(f.half().float(),
+                                                                                        f[:10].half().float())

@@ -1,4 +1,6 @@
+import os
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -46,3 +48,30 @@ class _noop:
 
     def __exit__(self, *a):
         return False
+
+
+def test_full_setup_unsets_what_a_tiny_setup_set(monkeypatch):
+    import huggingface_hub.constants as hc
+
+    from dmlab import hub, scale
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(scale, "_SET_BY_SETUP", {})
+    dmlab.setup(0, scale="tiny")
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and hc.HF_HUB_OFFLINE and hub._offline()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # no GPU here
+        sc, _ = dmlab.setup(0, scale="full")
+    assert sc.full and "HF_HUB_OFFLINE" not in os.environ and not hc.HF_HUB_OFFLINE and not hub._offline()
+
+
+def test_full_setup_leaves_a_users_offline_mode_and_says_to_restart(monkeypatch):
+    from dmlab import scale
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(scale, "_SET_BY_SETUP", {})
+    with pytest.warns(UserWarning, match="unset HF_HUB_OFFLINE.*restart the runtime"):
+        dmlab.setup(0, scale="full")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"

@@ -87,3 +87,29 @@ def test_bad_grid_arguments_raise():
         S.ddpm_timesteps(5, spacing="nope")
     with pytest.raises(TypeError, match="torch.Tensor"):
         S.check_schedule([1.0, 0.0])
+
+
+def test_a_reversed_schedule_is_named_first():
+    s = S.karras(5)
+    for rev in (s.flip(0), s[:-1].flip(0)):
+        with pytest.raises(ValueError, match=r"increases.*flip\(0\)"):
+            S.check_schedule(rev)
+
+
+@pytest.mark.parametrize("kw", [dict(sigma_min=1e-8), dict(sigma_max=1e5)])
+def test_half_precision_grids_that_do_not_fit_are_refused(kw):
+    with pytest.raises(ValueError, match="float16.*float32"):
+        S.karras(10, dtype=torch.float16, **kw)
+    with pytest.raises(ValueError, match="bfloat16"):
+        S.log_uniform(2000, dtype=torch.bfloat16)
+
+
+def test_half_precision_grids_that_fit_are_unchanged():
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for f in (S.karras, S.log_uniform):
+            s = f(10, dtype=dt)
+            assert torch.equal(s, f(10).to(dt)) and S.check_schedule(s) is s
+    with pytest.raises(ValueError, match="float16 holds sigmas up to"):
+        S.check_schedule(torch.tensor([1e5, 1.0, 0.0]).half())
+    alpha, sigma_t = S.alpha_sigma_t(torch.tensor([1000.0, 1e4]).half())
+    assert torch.isfinite(alpha).all() and (alpha > 0).all() and torch.isfinite(sigma_t).all()

@@ -105,9 +105,20 @@ def execute(path: str | pathlib.Path, *, timeout: int = 600) -> float:
 def check_conventions(path: str | pathlib.Path, toc_text: str | None = None) -> list[str]:
     """The conventions a chapter breaks (CONVENTIONS §5), as readable problems; empty when it is fine."""
     path = pathlib.Path(path)
-    rel = path.resolve().relative_to(ROOT).as_posix()
+    if not path.is_file():
+        raise ValueError(f"no notebook at {path}; pass a chapter such as notebooks/01_forward_and_exact.ipynb")
+    try:
+        rel = path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        raise ValueError(f"{path} is outside the repository ({ROOT}): chapters are checked where the book holds "
+                         "them (their Colab badge names that path); copy it into notebooks/ first") from None
     problems = []
-    nb = json.loads(path.read_text())
+    try:
+        nb = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{rel} is not a notebook (invalid JSON: {err})") from None
+    if not isinstance(nb, dict):
+        raise ValueError(f"{rel} is not a notebook (its JSON is not an object with 'cells')")
     cells = nb.get("cells", [])
     src = lambda c: "".join(c.get("source", ""))  # noqa: E731
     if path.stat().st_size > MAX_BYTES:
