@@ -145,13 +145,11 @@ def unet_blocks(net: nn.Module) -> dict[str, list[str]]:
 
 
 def stage_modules(model: Any) -> list[str]:
-    """One name per stage: the UNet stages (``down_blocks.i``, ``mid_block``, ``up_blocks.i``) or the transformer
-    blocks (``transformer_blocks.i``), in execution order (feature-distillation points, drift probes)."""
+    """One name per stage: the UNet stages (``down_blocks.i``, ``mid_block``, ``up_blocks.i``) or the DiT blocks
+    (``transformer_blocks.i``), in the order of ``model.named_modules()`` (feature-distillation points)."""
     model = resolve_model(model, method="stage_modules")
-    if is_unet(model):
-        b = unet_blocks(model)
-        return b["encoder"] + b["decoder"]
-    return [n for n, _ in transformer_blocks(model)]
+    pat = re.compile(r"(down_blocks\.\d+|mid_block|up_blocks\.\d+|transformer_blocks\.\d+)")
+    return [n for n, _ in model.named_modules() if pat.fullmatch(n)]
 
 
 def granularity_of(name: str) -> str | None:

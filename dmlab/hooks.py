@@ -115,10 +115,6 @@ class Handle:
     def removed(self) -> bool:
         return self._removed
 
-    @property
-    def active(self) -> bool:
-        return not self._removed
-
     def reset(self) -> None:
         """Forget per-trajectory state (cached features, step counters); the next call starts a new trajectory."""
         for fn in self._resets:
@@ -154,9 +150,19 @@ class Handle:
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, dict[str, Handle]]" = weakref.WeakKeyDictionary()
 
 
-def claim(model: nn.Module, method: str, handle: Handle) -> None:
-    """Mark ``method`` as applied to ``model`` until ``handle`` is removed; raise if it already is."""
+def claim(model: nn.Module, method: str, handle: Handle, *, excludes: Iterable[str] = (), why: str = "") -> None:
+    """Mark ``method`` as applied to ``model`` until ``handle`` is removed; raise if it already is.
+
+    ``excludes``: methods that cannot run together with this one (in either order); ``why`` says why in the error.
+    """
     active = _ACTIVE.setdefault(model, {})
+    handle._excludes = (set(excludes), why)
+    for other, oh in active.items():
+        ex, owhy = getattr(oh, "_excludes", (set(), ""))
+        if other in handle._excludes[0] or method in ex:
+            raise RuntimeError(f"{method} cannot be combined with {other}, which is active on this "
+                               f"{type(model).__name__}: {why or owhy}. Remove one (handle.remove()) before applying "
+                               f"the other")
     if method in active:
         raise RuntimeError(f"{method} is already applied to this {type(model).__name__}; remove the first handle "
                            f"(handle.remove(), or leave its `with` block) before applying it again. To compare two "
@@ -411,17 +417,18 @@ def _check_layers(model: nn.Module, layers) -> list[str]:
 class Capture(Handle):
     """A read-only :class:`Handle` that records the outputs of named submodules; returned by :func:`capture`.
 
-    ``outputs[name]`` is the hidden state of the *last* call of that module (detached; tuple outputs give their first
-    element); with ``keep_all=True`` ``history[name]`` lists every call's output. ``calls[name]`` counts the calls.
+    ``outputs[name]`` is the hidden state of the *last* call of that module (:func:`output_tensor` of its output,
+    detached unless ``detach=False``); with ``keep_all=True`` ``history[name]`` lists every call's output. ``calls[name]`` counts the calls.
     ``remove()`` (or leaving the ``with`` block) removes every hook; it is idempotent.
     """
 
     alters_outputs = False
 
-    def __init__(self, model: nn.Module, layers: Iterable[str], *, keep_all: bool = False, detach: bool = True):
+    def __init__(self, model: nn.Module, layers: Iterable[str], *, keep_all: bool = False, detach: bool = True,
+                 sink: list | None = None):
         self.layers = _check_layers(model, layers)
         super().__init__("capture", model)
-        self.keep_all, self.detach = bool(keep_all), bool(detach)
+        self.keep_all, self.detach, self.sink = bool(keep_all), bool(detach), sink
         self.outputs: dict[str, Tensor] = {}
         self.history: dict[str, list[Tensor]] = {n: [] for n in self.layers}
         self.calls: dict[str, int] = {n: 0 for n in self.layers}
@@ -441,6 +448,8 @@ class Capture(Handle):
             self.calls[name] += 1
             if self.keep_all:
                 self.history[name].append(h)
+            if self.sink is not None:
+                self.sink.append(h)
             return None  # never replace the output
 
         return hook
@@ -457,11 +466,16 @@ class Capture(Handle):
             self.history[n].clear()
             self.calls[n] = 0
 
+    @property
+    def active(self) -> bool:
+        return not self.removed
+
     def __enter__(self) -> "Capture":
         return self
 
 
-def capture(model: nn.Module, layers, *, keep_all: bool = False, detach: bool = True) -> Capture:
+def capture(model: nn.Module, layers, *, keep_all: bool = False, detach: bool = True,
+            sink: list | None = None) -> Capture:
     """Record the outputs of ``model``'s submodules named in ``layers`` (names from ``model.named_modules()``).
 
     >>> with capture(unet, ["down_blocks.1", "mid_block"]) as cap:
@@ -470,8 +484,10 @@ def capture(model: nn.Module, layers, *, keep_all: bool = False, detach: bool = 
 
     Hooks are forward hooks that return ``None``, so the model's output is unchanged bit for bit; they are removed
     when the block ends, also on an exception. A misspelt name raises ``ValueError`` with the closest names.
+    ``detach=False`` keeps the graph (feature losses in distillation); ``sink`` (a list) also receives every
+    recorded output in call order.
     """
-    return Capture(model, layers, keep_all=keep_all, detach=detach)
+    return Capture(model, layers, keep_all=keep_all, detach=detach, sink=sink)
 
 
 # ----------------------------------------------------------------------------------------------- call counting
