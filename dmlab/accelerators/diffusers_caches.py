@@ -70,6 +70,7 @@ def apply_diffusers_cache(model_or_pipeline: Any, apply_fn: Callable[[nn.Module]
     model = resolve_model(model_or_pipeline, method=method)
     _require_transformer(model, method)
     h = Handle(method, model)
+    h.batch_state = True  # the hooks keep per-module state of the whole batch (per-sample early exit refuses)
     claim(model, method, h)
     for k in ("module_calls", "module_computes", "cache_hits"):
         h.stats[k] = 0

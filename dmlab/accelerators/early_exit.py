@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..anatomy import require_dit as _require_dit, resolve_model
-from ..hooks import Handle, capture, claim, patch_forward
+from ..hooks import Handle, active_handles, capture, claim, patch_forward
 
 __all__ = ["EarlyExitConfig", "ExitHeads", "apply_early_exit", "train_exit_heads", "exit_heads_for",
            "save_exit_heads", "load_exit_heads", "block_outputs", "EXIT_RECIPE", "build_exit_heads"]
@@ -217,8 +217,8 @@ def _exit_forward(model: nn.Module, cfg: EarlyExitConfig, stats: dict, hidden_st
         if not bool(leave.any()):
             continue
         if out is None:
-            if cfg.per_sample and b > 1 and any(getattr(m, "_diffusers_hook", None) is not None
-                                                for m in blocks.modules()):
+            if cfg.per_sample and b > 1 and any(getattr(o, "batch_state", False)
+                                                for o in active_handles(model).values()):
                 raise RuntimeError("per-sample early exit shrinks the batch inside the network, which diffusers' "
                                    "caching hooks on the blocks (TaylorSeer, FirstBlockCache, ...) cannot follow; "
                                    "use EarlyExitConfig(..., per_sample=False) together with them")
