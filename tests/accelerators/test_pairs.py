@@ -74,7 +74,8 @@ def _methods(s: _Setup, kind: str) -> dict:
             "taylorseer": lambda: acc.apply_taylorseer(net, 2, warmup=1),
             "pab": lambda: acc.apply_pab(net, 2, timestep_range=(0, 1000)),
             "magcache": lambda: acc.apply_mag_cache(net, ratios, threshold=10.0),
-            "early_exit": lambda: acc.apply_early_exit(net, EarlyExitConfig(heads, threshold=0.9)),
+            "early_exit": lambda: acc.apply_early_exit(
+                net, EarlyExitConfig(heads, threshold=0.9, per_sample=False)),  # per-sample exit refuses caches
             "linear": lambda: acc.apply_linear_attention(net, LinearAttentionConfig(lin)),
             "prune": lambda: acc.apply_layer_pruning(net, acc.LayerPruneConfig(("transformer_blocks.1",))),
         })
