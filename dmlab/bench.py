@@ -156,7 +156,10 @@ class FlopAccountant:
         def wrap(call_next, *args, **kwargs):
             if self._mode is None:
                 return call_next(*args, **kwargs)
-            if root:
+            # the batch is read at the root call, or at the first module that runs when a method bypasses the root
+            # forward (early exit runs the blocks itself)
+            top = root or not self._batch
+            if top:
                 x = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor) and a.ndim), None)
                 self._batch.append(int(x.shape[0]) if x is not None else 1)
             self._stack.append(key)
@@ -171,15 +174,15 @@ class FlopAccountant:
                 return call_next(*args, **kwargs)
             finally:
                 self._stack.pop()
-                if root:
+                if top:
                     self._batch.pop()
         return wrap
 
     @contextlib.contextmanager
     def _installed(self, mode: str):
-        from .accelerators.handle import Handle, patch_forward
+        from .hooks import Handle, patch_forward
 
-        h = Handle("flop_accountant")
+        h = Handle("flop_accountant", alters_outputs=False)
         try:
             for m in self.models:
                 for name, mod in m.named_modules():

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import schedules
+from .hooks import output_tensor
 
 __all__ = ["Denoiser", "as_sigma", "bcast", "net_output", "EDMPrecond", "DiscreteVPDenoiser", "FlowDenoiser", "CFG",
            "cfg", "clamp", "switch_at_sigma", "RecordingDenoiser", "PREDICTION_TYPES"]
@@ -77,15 +78,9 @@ def bcast(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 
 
-def net_output(out) -> Tensor:
-    """The tensor in a network's return value: ``.sample`` of a diffusers output, the first element of a tuple."""
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "sample"):
-        return out.sample
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TypeError(f"cannot read a tensor from a network output of type {type(out).__name__}")
+#: The tensor in a network's return value (``.sample`` of a diffusers output, the first element of a tuple): the one
+#: reader is :func:`dmlab.hooks.output_tensor`; ``net_output`` is its name here.
+net_output = output_tensor
 
 
 # ----------------------------------------------------------------------------------------------- EDM

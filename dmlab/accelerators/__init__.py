@@ -1,4 +1,4 @@
-"""Accelerators: reversible, composable speed-ups on diffusers models (CONVENTIONS §1.5, §4)."""
+"""Accelerators: reversible, composable speed-ups on diffusers models; every one returns a dmlab.hooks.Handle."""
 from .caching import (DeepCacheConfig, EncoderPropagationConfig, FeatureCacheConfig, FeatureInheritanceConfig,
                       apply_deepcache, apply_encoder_propagation, apply_feature_cache, apply_feature_inheritance,
                       deepcache_modules, dense_early_keys, encoder_modules, granularity_of)

@@ -17,7 +17,7 @@ from a cache at the steps in between. Three papers are configurations of it:
   computations at *block*, *layer* or *unit* granularity and inherit their features from the previous key step.
   :class:`FeatureInheritanceConfig`, :func:`apply_feature_inheritance`.
 
-Steps are counted from root forward calls (:class:`dmlab.accelerators.handle.CallCounter`): step ``s`` is a key
+Steps are counted from root forward calls (:class:`dmlab.hooks.CallCounter`): step ``s`` is a key
 step when ``s % interval == 0`` (or ``s in key_steps``); the first step of every trajectory is always a key step.
 A Heun step is two calls: set ``calls_per_step=2`` (each call position in a step gets its own cache), likewise for
 classifier-free guidance run as two calls (diffusers pipelines batch it into one call).
@@ -34,8 +34,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .handle import (CallCounter, Handle, claim, first_tensor, module_names, patch_forward, resolve_model,
-                     unknown_name_error)
+from .. import anatomy
+from ..anatomy import BLOCK_LISTS, granularity_of, module_names, resolve_model, unknown_name_error
+from ..hooks import CallCounter, Handle, add_hook, claim, input_tensor, patch_forward
 
 __all__ = ["FeatureCacheConfig", "DeepCacheConfig", "EncoderPropagationConfig", "FeatureInheritanceConfig",
            "apply_feature_cache", "apply_deepcache", "apply_encoder_propagation", "apply_feature_inheritance",
@@ -43,7 +44,6 @@ __all__ = ["FeatureCacheConfig", "DeepCacheConfig", "EncoderPropagationConfig", 
 
 REUSE_MODES = ("output", "residual")
 GRANULARITIES = ("block", "layer", "unit")
-BLOCK_LISTS = ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks", "blocks")
 
 
 # ----------------------------------------------------------------------------------------------- configs
@@ -190,13 +190,7 @@ class FeatureInheritanceConfig:
 
 # ----------------------------------------------------------------------------------------------- module sets
 def _require_unet(model: nn.Module, method: str) -> None:
-    if not (isinstance(getattr(model, "down_blocks", None), nn.ModuleList)
-            and isinstance(getattr(model, "up_blocks", None), nn.ModuleList)):
-        raise TypeError(f"{method} needs a UNet with down_blocks / mid_block / up_blocks and skip connections (diffusers "
-                        f"UNet2DModel or UNet2DConditionModel, or a pipeline holding one); {type(model).__name__} has "
-                        f"none. For a transformer such as DiTTransformer2DModel use apply_feature_inheritance(model, "
-                        f"FeatureInheritanceConfig(('transformer_blocks.*',), 'block', reuse='residual')) or "
-                        f"dmlab.accelerators.apply_taylorseer(model)")
+    anatomy.require_unet(model, method)
 
 
 def deepcache_modules(unet: nn.Module, branch: int = 0) -> tuple[str, ...]:
@@ -247,22 +241,6 @@ def encoder_modules(unet: nn.Module, include_mid: bool = True) -> tuple[str, ...
     return tuple(out)
 
 
-def granularity_of(name: str) -> str | None:
-    """``"block"``, ``"layer"`` or ``"unit"`` for a module name (A-SDM's three levels), None outside the blocks."""
-    parts = name.split(".")
-    if parts[0] in BLOCK_LISTS and len(parts) >= 2 and parts[1].isdigit():
-        rest = parts[2:]
-    elif parts[0] == "mid_block":
-        rest = parts[1:]
-    else:
-        return None
-    if not rest:
-        return "block"
-    if len(rest) == 1 or (len(rest) == 2 and rest[1].isdigit()):
-        return "layer"
-    return "unit"
-
-
 def _expand_targets(model: nn.Module, cfg: FeatureInheritanceConfig) -> tuple[str, ...]:
     names = module_names(model)
     chosen: list[str] = []
@@ -308,7 +286,7 @@ class _FeatureCache:
 
     def on_call(self, counter: CallCounter, args, kwargs):
         step, slot = counter.step, counter.slot
-        x = first_tensor(args, kwargs)
+        x = input_tensor(args, kwargs)
         shape = tuple(x.shape) if x is not None else None
         full = _is_key(self.cfg, step)
         if not full and self.shapes.get(slot) != shape:
@@ -335,7 +313,7 @@ class _FeatureCache:
                 if self.reuse == "output":
                     self.store[key] = out
                 else:
-                    x = first_tensor(args, kwargs)
+                    x = input_tensor(args, kwargs)
                     if not (isinstance(out, Tensor) and x is not None and out.shape == x.shape):
                         raise ValueError(f"reuse='residual' needs a module whose output has its input's shape; "
                                          f"{name} ({self.h.model.get_submodule(name).__class__.__name__}) does not: "
@@ -345,7 +323,7 @@ class _FeatureCache:
             self.h.stats["cache_hits"] += 1
             if self.reuse == "output":
                 return self.store[key]
-            return first_tensor(args, kwargs) + self.store[key]
+            return input_tensor(args, kwargs) + self.store[key]
 
         return wrap
 
@@ -366,8 +344,7 @@ def _apply(model: nn.Module, method: str, names: tuple[str, ...], cfg: Any, reus
         eng = _FeatureCache(h, cfg, reuse)
         counter.on_new_trajectory(eng.new_trajectory)
         counter.attach(model, h, eng.on_call)
-        hk = model.register_forward_hook(eng.done, always_call=True)
-        h.on_remove(hk.remove)
+        add_hook(model, eng.done, h, pre=False, always_call=True, with_kwargs=False)
         for n in names:
             patch_forward(all_names[n], eng.wrapper(n), h)
         h.on_reset(eng.new_trajectory)

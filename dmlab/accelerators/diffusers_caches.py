@@ -6,7 +6,9 @@ run inside a *cache context* (else ``ValueError: No cache context is set``), and
 sampling runs. TaylorSeer's default identifiers also match nothing in DiT (whose attention modules are ``attn1``),
 so it silently does nothing. :func:`apply_diffusers_cache` fixes all three: a pre-hook on the model sets the
 context per root call (named by the call's slot, so two-call CFG keeps two states) and resets stateful hooks when a
-new trajectory starts; removal takes every hook off and restores the modules' ``__dict__`` exactly.
+new trajectory starts. diffusers' hooks are installed through :func:`dmlab.hooks.foreign_hooks`: each hooked module
+gets one dmlab patch layer and the handle keeps its own hook registries, so these caches compose with every other
+handle in any order of application and removal, and removal restores the modules' ``__dict__`` exactly.
 
 Friendly front ends with defaults that work on DiT:
 
@@ -30,38 +32,28 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .handle import CallCounter, Handle, add_hook, claim, patch_forward, resolve_model, timestep_of
+from ..anatomy import require_transformer, resolve_model, transformer_blocks
+from ..hooks import CallCounter, Handle, add_hook, claim, foreign_hooks, patch_forward, timestep_of
 
 __all__ = ["apply_diffusers_cache", "apply_first_block_cache", "apply_taylorseer", "apply_mag_cache",
            "calibrate_mag_ratios", "apply_pab", "transformer_blocks"]
 
-_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers")
-
-
-def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``[(name, block)]`` of a transformer denoiser's block lists (what diffusers' block caches hook)."""
-    out = []
-    for name, sub in model.named_children():
-        if name in _BLOCK_LISTS and isinstance(sub, nn.ModuleList):
-            out += [(f"{name}.{i}", b) for i, b in enumerate(sub)]
-    return out
-
 
 def _require_transformer(model: nn.Module, method: str) -> None:
-    if not transformer_blocks(model):
-        raise TypeError(f"{method} is one of diffusers' transformer caches: it needs a transformer denoiser with "
-                        f"transformer_blocks (e.g. DiTTransformer2DModel, or a pipeline's .transformer); "
-                        f"{type(model).__name__} has none. For a UNet use dmlab.accelerators.apply_deepcache or "
-                        f"apply_feature_inheritance")
+    require_transformer(model, method)
 
 
-def _snapshot(model: nn.Module) -> dict[str, tuple[bool, bool]]:
-    return {n: ("forward" in m.__dict__, "_diffusers_hook" in m.__dict__) for n, m in model.named_modules()}
+def _state_managers(registries: list) -> list:
+    """The ``StateManager`` of every stateful hook in these registries (what diffusers' ``_set_cache_context`` sets)."""
+    from diffusers.hooks.hooks import StateManager
 
-
-def _hook_names(model: nn.Module) -> dict[str, list[str]]:
-    return {n: list(m.__dict__["_diffusers_hook"]._hook_order) for n, m in model.named_modules()
-            if "_diffusers_hook" in m.__dict__}
+    out = []
+    for reg in registries:
+        for name in reversed(reg._hook_order):
+            hook = reg.hooks[name]
+            if hook._is_stateful:
+                out += [a for a in vars(hook).values() if isinstance(a, StateManager)]
+    return out
 
 
 def apply_diffusers_cache(model_or_pipeline: Any, apply_fn: Callable[[nn.Module], None], *, method: str,
@@ -73,14 +65,13 @@ def apply_diffusers_cache(model_or_pipeline: Any, apply_fn: Callable[[nn.Module]
     ``counted``: regexes (``re.fullmatch``) of module names whose calls / real computations ``stats`` counts.
     ``on_timestep(t)`` is told each root call's timestep (Pyramid Attention Broadcast reads it).
     """
-    from diffusers.hooks import HookRegistry
-    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+    from diffusers.hooks.hooks import CacheContext
 
     model = resolve_model(model_or_pipeline, method=method)
     _require_transformer(model, method)
     h = Handle(method, model)
+    h.batch_state = True  # the hooks keep per-module state of the whole batch (per-sample early exit refuses)
     claim(model, method, h)
-    before_attrs, before_hooks = _snapshot(model), _hook_names(model)
     for k in ("module_calls", "module_computes", "cache_hits"):
         h.stats[k] = 0
     try:
@@ -98,43 +89,24 @@ def apply_diffusers_cache(model_or_pipeline: Any, apply_fn: Callable[[nn.Module]
             patch_forward(m, inner, h)
             add_hook(m, outer, h, pre=True)
 
-        def restore():
-            for n, m in model.named_modules():
-                reg = m.__dict__.get("_diffusers_hook")
-                if reg is None:
-                    continue
-                for name in reversed(list(reg._hook_order)):
-                    if name not in before_hooks.get(n, []):
-                        reg.remove_hook(name, recurse=False)
-            for n, m in model.named_modules():
-                had_fwd, had_reg = before_attrs.get(n, (True, True))
-                reg = m.__dict__.get("_diffusers_hook")
-                if not had_reg and reg is not None and not reg._hook_order:
-                    del m.__dict__["_diffusers_hook"]
-                fwd = m.__dict__.get("forward")
-                if not had_fwd and fwd is not None and getattr(fwd, "__self__", None) is m \
-                        and getattr(fwd, "__func__", None) is type(m).forward:
-                    del m.__dict__["forward"]  # diffusers leaves the bound method behind as an instance attribute
-            if "_diffusers_hook" in model.__dict__:
-                model.__dict__["_diffusers_hook"].invalidate_child_registries_cache()
-
-        h.on_remove(restore)
-        apply_fn(model)
-        registry = HookRegistry.check_if_exists_or_initialize(model)
-        registry.invalidate_child_registries_cache()
+        registries = foreign_hooks(model, apply_fn, h)  # one patch layer per hooked module, own registries
+        managers = _state_managers(registries)
         counter = CallCounter(calls_per_step, h.stats)
-        counter.on_new_trajectory(lambda: registry.reset_stateful_hooks())
+        counter.on_new_trajectory(lambda: [r.reset_stateful_hooks(recurse=False) for r in registries])
 
         def on_call(c, args, kwargs):
             t = timestep_of(args, kwargs)
             if on_timestep is not None:
                 on_timestep(t)
-            _set_cache_context(model, CacheContext(f"call{c.slot}", step_index=c.step, timestep=t))
+            ctx = CacheContext(f"call{c.slot}", step_index=c.step, timestep=t)
+            for sm in managers:
+                sm.set_context(ctx)
 
         counter.attach(model, h, on_call)
 
         def clear(*_):
-            _set_cache_context(model, None)
+            for sm in managers:
+                sm.set_context(None)
 
         add_hook(model, clear, h, pre=False, always_call=True)
     except BaseException:
@@ -215,7 +187,7 @@ def calibrate_mag_ratios(model_or_pipeline: Any, run: Callable[[], Any]) -> list
     model = resolve_model(model_or_pipeline, method="calibrate_mag_ratios")
     _require_transformer(model, "MagCache")
     blocks = transformer_blocks(model)
-    h = Handle("calibrate_mag_ratios", model)
+    h = Handle("calibrate_mag_ratios", model, alters_outputs=False)
     state: dict = {"inp": None, "prev": None, "ratios": []}
 
     def head(mod, args, kwargs):

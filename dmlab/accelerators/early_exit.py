@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .handle import Handle, claim, patch_forward, resolve_model
+from ..anatomy import require_dit as _require_dit, resolve_model
+from ..hooks import Handle, active_handles, capture, claim, patch_forward
 
 __all__ = ["EarlyExitConfig", "ExitHeads", "apply_early_exit", "train_exit_heads", "exit_heads_for",
            "save_exit_heads", "load_exit_heads", "block_outputs", "EXIT_RECIPE", "build_exit_heads"]
@@ -51,17 +52,6 @@ EXIT_RECIPE = {"base": "dit_l", "steps": 600, "batch_size": 128, "lr": 2e-3, "p_
 
 
 # ----------------------------------------------------------------------------------------------- model checks
-def _require_dit(model: nn.Module, method: str = "early exit") -> None:
-    need = ("transformer_blocks", "pos_embed", "proj_out_1", "proj_out_2", "norm_out")
-    if all(hasattr(model, a) for a in need) and hasattr(model.config, "patch_size"):
-        return
-    hint = ("a UNet's decoder needs the skip features of every encoder level, so it cannot stop half-way; for UNets "
-            "use feature caching (dmlab.accelerators.apply_deepcache)") if hasattr(model, "up_blocks") else \
-        "build or load a DiTTransformer2DModel (e.g. dmlab.zoo.load('dit_l'))"
-    raise TypeError(f"{method} needs a DiT-style transformer (DiTTransformer2DModel: transformer_blocks, pos_embed, "
-                    f"proj_out_1/2, norm_out), got {type(model).__name__}; {hint}")
-
-
 def _dims(model: nn.Module) -> tuple[int, int, int]:
     """``(n_layers, width, tokens-out width p*p*out_channels)`` of a DiT."""
     return len(model.transformer_blocks), model.proj_out_2.in_features, model.proj_out_2.out_features
@@ -227,8 +217,8 @@ def _exit_forward(model: nn.Module, cfg: EarlyExitConfig, stats: dict, hidden_st
         if not bool(leave.any()):
             continue
         if out is None:
-            if cfg.per_sample and b > 1 and any(getattr(m, "_diffusers_hook", None) is not None
-                                                for m in blocks.modules()):
+            if cfg.per_sample and b > 1 and any(getattr(o, "batch_state", False)
+                                                for o in active_handles(model).values()):
                 raise RuntimeError("per-sample early exit shrinks the batch inside the network, which diffusers' "
                                    "caching hooks on the blocks (TaylorSeer, FirstBlockCache, ...) cannot follow; "
                                    "use EarlyExitConfig(..., per_sample=False) together with them")
@@ -282,7 +272,9 @@ def apply_early_exit(model_or_pipeline: Any, config: EarlyExitConfig) -> Handle:
     config.heads.check(model)
     h = Handle("early_exit", model, {"calls": 0, "samples": 0, "exits": 0, "exit_rate": 0.0, "blocks_run": 0,
                                      "mean_depth": 0.0, "depth_counts": [0] * config.heads.n_layers, "per_call": []})
-    claim(model, "early_exit", h)
+    claim(model, "early_exit", h, excludes=("first_block_cache", "mag_cache"),
+          why="early exit skips the last blocks, which First Block Cache and MagCache need to run at every full call "
+              "(they cache the residual of the whole block stack)")
     n_layers = config.heads.n_layers
 
     def wrapper(call_next, hidden_states, timestep=None, class_labels=None, cross_attention_kwargs=None,
@@ -310,16 +302,12 @@ def apply_early_exit(model_or_pipeline: Any, config: EarlyExitConfig) -> Handle:
 # ----------------------------------------------------------------------------------------------- training
 def block_outputs(model: nn.Module, x: Tensor, timestep: Tensor, **cond) -> tuple[list[Tensor], Tensor, Tensor]:
     """``(hidden states after every block, conditioning embedding c, final output tokens)`` of one DiT call, by
-    forward hooks on the blocks (no patching). The final tokens are ``proj_out_2``'s output (before unpatchify)."""
+    a :func:`dmlab.hooks.capture` of the blocks (no patching). The final tokens are ``proj_out_2``'s output (before unpatchify)."""
     hs: list[Tensor] = []
     final: list[Tensor] = []
-    hooks = [blk.register_forward_hook(lambda m, a, o: hs.append(o)) for blk in model.transformer_blocks]
-    hooks.append(model.proj_out_2.register_forward_hook(lambda m, a, o: final.append(o)))
-    try:
+    blocks = [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+    with capture(model, blocks, detach=False, sink=hs), capture(model, "proj_out_2", detach=False, sink=final):
         model(x, timestep=timestep, **cond)
-    finally:
-        for hk in hooks:
-            hk.remove()
     c = model.transformer_blocks[0].norm1.emb(timestep, cond.get("class_labels"), hidden_dtype=hs[0].dtype)
     return hs, c, final[0]
 

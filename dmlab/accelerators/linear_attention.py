@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .handle import Handle, add_hook, claim, patch_forward, resolve_model
+from ..anatomy import resolve_model, self_attention_names
+from ..hooks import Handle, add_hook, capture, claim, patch_forward
 
 __all__ = ["GeneralizedLinearAttention", "LinearAttentionModules", "LinearAttentionConfig", "linear_attention_for",
            "apply_linear_attention", "distill_linear_attention", "self_attention_names", "cost_curve",
@@ -45,13 +46,6 @@ __all__ = ["GeneralizedLinearAttention", "LinearAttentionModules", "LinearAttent
 #: How the committed modules ``dit_l_linear`` were distilled (CPU, 1 thread): :func:`build_linear_attention`.
 LINEAR_RECIPE = {"base": "dit_l", "steps": 500, "batch_size": 64, "lr": 1e-3, "p_uncond": 0.1, "seed": 0,
                  "mid_dim": None, "w_eps": 1.0, "w_kd": 0.5, "w_feat": 0.5, "data": "load_digits('train')"}
-
-
-def self_attention_names(model: nn.Module, pattern: str = "*attn1") -> list[str]:
-    """Qualified names of the diffusers ``Attention`` modules matching ``pattern`` (self-attention: ``*attn1``)."""
-    from diffusers.models.attention_processor import Attention
-
-    return [n for n, m in model.named_modules() if isinstance(m, Attention) and fnmatch.fnmatchcase(n, pattern)]
 
 
 def _mlp(dim: int, mid: int) -> nn.Sequential:
@@ -229,7 +223,7 @@ def distill_linear_attention(model: Any, modules: LinearAttentionModules, x0: Te
     req = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     feats: list[Tensor] = []
-    hooks = [mods[n].register_forward_hook(lambda m, a, o: feats.append(o)) for n in modules.names]
+    hooks = [capture(model, modules.names, detach=False, sink=feats)]
     log = {"loss": [], "steps": steps, "batch_size": batch_size, "lr": lr}
     t0 = time.perf_counter()
     modules.train()

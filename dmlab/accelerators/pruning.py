@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from .finetune import net_output, protect_parameters
-from .handle import Handle, add_hook, claim, module_names, patch_forward, resolve_model, unknown_name_error
+from ..anatomy import module_names, resolve_model, stage_modules, unknown_name_error
+from ..hooks import Handle, add_hook, capture, claim, patch_forward
 from .quantization import _skip_channels
 
 __all__ = ["LayerPruneConfig", "LayerPruneHandle", "apply_layer_pruning", "candidate_units", "prunable_units",
@@ -239,24 +240,11 @@ def select_units(scores: dict[str, float], k: int) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------------------- recovery
-def stage_modules(model: nn.Module) -> list[str]:
-    """Default feature-distillation points: the UNet stages (``down_blocks.i``, ``mid_block``, ``up_blocks.i``) or
-    the DiT blocks (``transformer_blocks.i``)."""
-    names = module_names(resolve_model(model, method="stage_modules"))
-    return [n for n in names if re.match(r"^(down_blocks\.\d+|mid_block|up_blocks\.\d+|transformer_blocks\.\d+)$", n)]
-
-
-def _first_tensor(o):
-    if isinstance(o, Tensor):
-        return o
-    if isinstance(o, (tuple, list)):
-        return next((v for v in o if isinstance(v, Tensor)), None)
-    return getattr(o, "sample", None)
-
-
 def _capture(model: nn.Module, names, store: dict) -> list:
-    mods = module_names(model)
-    return [mods[n].register_forward_hook(lambda m, a, o, n=n: store.__setitem__(n, _first_tensor(o))) for n in names]
+    """Record the (non-detached) outputs of ``names`` into ``store``; a list holding the one capture handle."""
+    cap = capture(model, names, detach=False)
+    cap.outputs = store
+    return [cap]
 
 
 def _spectral_mse(s: Tensor, t: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .handle import Handle, claim, module_names, resolve_model
+from ..anatomy import module_names, resolve_model
+from ..hooks import Handle, add_hook, claim
 
 __all__ = ["mask_sites", "apply_masks", "learn_masks", "threshold_masks", "sliced_copy"]
 
@@ -88,8 +89,7 @@ def apply_masks(model_or_pipeline, masks: dict[str, Tensor]) -> Handle:
             shape = x.shape
             y = (x.reshape(*shape[:-1], g, shape[-1] // g) * v.to(x.device, x.dtype)[:, None]).reshape(shape)
             return (y, *args[1:])
-        hk = mods[sites[s]["target"]].register_forward_pre_hook(pre)
-        h.on_remove(hk.remove)
+        add_hook(mods[sites[s]["target"]], pre, h, pre=True, with_kwargs=False)
     return h
 
 

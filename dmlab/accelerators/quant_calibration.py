@@ -28,37 +28,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .handle import resolve_model, timestep_of
+from ..anatomy import resolve_model
+from ..hooks import record_calls, timestep_of
 
 __all__ = ["CalibrationSet", "calibration_set", "record_calls", "SCHEMES", "select_rows", "run_calls"]
 
 SCHEMES = ("first", "uniform", "normal")
-
-
-def _clone(v):
-    if isinstance(v, Tensor):
-        return v.detach().clone()
-    if isinstance(v, (list, tuple)):
-        return type(v)(_clone(u) for u in v)
-    if isinstance(v, dict):
-        return {k: _clone(u) for k, u in v.items()}
-    return v
-
-
-@torch.no_grad()
-def record_calls(model: nn.Module, run: Callable[[], object]) -> list[tuple[tuple, dict]]:
-    """Run ``run()`` and return a copy of the ``(args, kwargs)`` of every root call of ``model`` (a pre-hook)."""
-    calls: list[tuple[tuple, dict]] = []
-
-    def pre(module, args, kwargs):
-        calls.append((_clone(args), _clone(kwargs)))
-
-    h = model.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        run()
-    finally:
-        h.remove()
-    return calls
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:

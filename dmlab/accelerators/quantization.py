@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .handle import Handle, add_hook, claim, patch_forward, resolve_model
+from ..anatomy import resolve_model
+from ..hooks import Handle, add_hook, claim, patch_forward, require_no_active
 from .quant_calibration import CalibrationSet, _batch_size, select_rows, t_key
 from .quantizers import SHRINK_GRID, check_bits, fake_quant, minmax_range, mse_shrink, qparams
 
@@ -316,8 +317,8 @@ def _skip_channels(up_block: nn.Module, args, kwargs) -> list[int]:
 # ----------------------------------------------------------------------------------------------- apply
 def _calibrate(net: nn.Module, h: QuantHandle, cfg: QuantConfig, calib: CalibrationSet):
     """Observe activation ranges on the calibration calls (and, for TFMQ, the temporal layers on every timestep)."""
-    hooks, cur = [], {"t": None, "observe": set(h._qlayers)}
-    hooks.append(net.register_forward_pre_hook(lambda m, a, k: cur.__setitem__("t", _uniform_t(a, k)), with_kwargs=True))
+    hooks, cur = Handle("quant_calibration", net, alters_outputs=False), {"t": None, "observe": set(h._qlayers)}
+    add_hook(net, lambda m, a, k: cur.__setitem__("t", _uniform_t(a, k)), hooks, pre=True)
     if cfg.split_shortcut:
         for bname, blk in net.named_modules():
             resnets = getattr(blk, "resnets", None)
@@ -329,7 +330,7 @@ def _calibrate(net: nn.Module, h: QuantHandle, cfg: QuantConfig, calib: Calibrat
                     q = h._qlayers.get(f"{bname}.resnets.{i}.conv_shortcut")
                     if q is not None and q.module.in_channels > skip:
                         q.split = q.module.in_channels - skip
-            hooks.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+            add_hook(blk, pre, hooks, pre=True)
     tfmq_inputs: dict[str, list] = {}
     for name, q in h._qlayers.items():
         per_t = cfg.per_step_acts or (cfg.temporal == "tfmq" and q.temporal)
@@ -340,7 +341,7 @@ def _calibrate(net: nn.Module, h: QuantHandle, cfg: QuantConfig, calib: Calibrat
                     q.observe(a[0], cur["t"], per_t)
                 if cur.get("tfmq") and q.temporal:
                     tfmq_inputs.setdefault(q.name, []).append((cur["t"], a[0].detach().clone()))
-        hooks.append(q.module.register_forward_pre_hook(obs))
+        add_hook(q.module, obs, hooks, pre=True, with_kwargs=False)
     try:
         with torch.no_grad():
             for a, k in calib.calls:
@@ -351,8 +352,7 @@ def _calibrate(net: nn.Module, h: QuantHandle, cfg: QuantConfig, calib: Calibrat
                     a, k = select_rows(call, torch.arange(min(8, _batch_size(*call))))
                     net(*a, **k)
     finally:
-        for hk in hooks:
-            hk.remove()
+        hooks.remove()
     return tfmq_inputs
 
 
@@ -412,6 +412,8 @@ def apply_quantization(model_or_pipeline, config: QuantConfig, calibration: Cali
             if not _match(n, config.layers) or _match(n, config.skip) or (config.temporal == "fp" and n in temporal):
                 continue
             h._qlayers[n] = _QLayer(n, m, config.weight_bits, config.act_bits, n in temporal)
+        if needs_calib:  # calibration runs the network: another handle would change what the ranges fit
+            require_no_active(net, "quantization", "calibrates activation ranges by running the network")
         tfmq_inputs = _calibrate(net, h, config, calibration) if needs_calib else {}
         for q in h._qlayers.values():
             if q.a_bits:

@@ -1,8 +1,8 @@
 """Read what a frozen network computes: forward hooks that record named submodules, and diffusion features.
 
-* :func:`capture` - a context manager (and handle) over ``register_forward_hook`` that records the outputs of named
-  submodules. It never edits the model: the hooks return ``None`` (so the output is bit-identical) and every hook is
-  removed when the block ends, also when an exception is raised inside it (CONVENTIONS §1.5).
+* :func:`capture` - a read-only :class:`dmlab.hooks.Handle` that records the outputs of named submodules (defined in
+  :mod:`dmlab.hooks`, re-exported here). It never edits the model: the hooks return ``None`` (so the output is
+  bit-identical) and every hook is removed when the block ends, also when an exception is raised inside it.
 * :func:`extract_features` - the DIFT / SD-DINO recipe (Tang et al. 2023; Zhang et al. 2023, paper 10): noise a clean
   input to one sigma, make *one* denoiser call, read the hooked blocks, average over ``ensemble`` noise draws.
   Works for any denoiser wrapping a diffusers ``UNet2DModel``, ``UNet2DConditionModel`` (pass ``cond=
@@ -12,130 +12,14 @@
 """
 from __future__ import annotations
 
-import difflib
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Capture", "capture", "extract_features", "vit_features", "tokens_to_grid", "as_tensor_output"]
+from ..hooks import Capture, _check_layers, capture
 
-
-def as_tensor_output(out) -> Tensor:
-    """The hidden state in a module's output: the tensor itself, ``out[0]`` of a tuple/list (diffusers down blocks
-    return ``(hidden, res_samples)``, transformers layers ``(hidden, attn)``), ``.sample`` or ``.last_hidden_state``
-    of an output object."""
-    if isinstance(out, Tensor):
-        return out
-    for attr in ("sample", "last_hidden_state"):
-        v = getattr(out, attr, None)
-        if isinstance(v, Tensor):
-            return v
-    if isinstance(out, (tuple, list)) and out:
-        return as_tensor_output(out[0])
-    if isinstance(out, dict) and out:
-        return as_tensor_output(next(iter(out.values())))
-    raise TypeError(f"cannot read a tensor from a module output of type {type(out).__name__}")
-
-
-def _check_layers(model: nn.Module, layers) -> list[str]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module (the network, not its Denoiser wrapper), "
-                        f"got {type(model).__name__}")
-    if isinstance(layers, str):
-        layers = [layers]
-    layers = list(layers)
-    if not layers:
-        raise ValueError("layers is empty; name at least one submodule, e.g. 'down_blocks.1' (see model.named_modules())")
-    if not all(isinstance(n, str) for n in layers):
-        raise TypeError("layers must be submodule names (str), as listed by model.named_modules()")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers has duplicates: {layers}")
-    names = dict(model.named_modules())
-    for n in layers:
-        if n not in names:
-            close = difflib.get_close_matches(n, [k for k in names if k], n=5, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else \
-                "; list the names with [n for n, _ in model.named_modules()]"
-            raise ValueError(f"{type(model).__name__} has no submodule named {n!r}{hint}")
-    return layers
-
-
-class Capture:
-    """Records the outputs of named submodules while active; returned by :func:`capture`.
-
-    ``outputs[name]`` is the hidden state of the *last* call of that module (detached; tuple outputs give their first
-    element); with ``keep_all=True`` ``history[name]`` lists every call's output. ``calls[name]`` counts the calls.
-    ``remove()`` (or leaving the ``with`` block) removes every hook; it is idempotent.
-    """
-
-    def __init__(self, model: nn.Module, layers: Iterable[str], *, keep_all: bool = False, detach: bool = True):
-        self.layers = _check_layers(model, layers)
-        self.model, self.keep_all, self.detach = model, bool(keep_all), bool(detach)
-        self.outputs: dict[str, Tensor] = {}
-        self.history: dict[str, list[Tensor]] = {n: [] for n in self.layers}
-        self.calls: dict[str, int] = {n: 0 for n in self.layers}
-        self._handles = []
-        modules = dict(model.named_modules())
-        try:
-            for n in self.layers:
-                self._handles.append(modules[n].register_forward_hook(self._hook(n)))
-        except BaseException:
-            self.remove()
-            raise
-
-    def _hook(self, name: str) -> Callable:
-        def hook(module, args, out):
-            h = as_tensor_output(out)
-            h = h.detach().clone() if self.detach else h
-            self.outputs[name] = h
-            self.calls[name] += 1
-            if self.keep_all:
-                self.history[name].append(h)
-            return None  # never replace the output
-
-        return hook
-
-    def __getitem__(self, name: str) -> Tensor:
-        if name not in self.outputs:
-            raise KeyError(f"{name!r} has not run yet (captured: {sorted(self.outputs)}); call the model inside the block")
-        return self.outputs[name]
-
-    def clear(self) -> None:
-        """Forget what was recorded (the hooks stay)."""
-        self.outputs.clear()
-        for n in self.layers:
-            self.history[n].clear()
-            self.calls[n] = 0
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def remove(self) -> None:
-        """Remove every hook this capture installed (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
-
-    def __enter__(self) -> "Capture":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def capture(model: nn.Module, layers, *, keep_all: bool = False, detach: bool = True) -> Capture:
-    """Record the outputs of ``model``'s submodules named in ``layers`` (names from ``model.named_modules()``).
-
-    >>> with capture(unet, ["down_blocks.1", "mid_block"]) as cap:
-    ...     unet(x, timestep=t)
-    >>> cap["mid_block"].shape
-
-    Hooks are forward hooks that return ``None``, so the model's output is unchanged bit for bit; they are removed
-    when the block ends, also on an exception. A misspelt name raises ``ValueError`` with the closest names
-    (difflib). Used by the feature probes of papers 10, 33, 35 and 54.
-    """
-    return Capture(model, layers, keep_all=keep_all, detach=detach)
+__all__ = ["Capture", "capture", "extract_features", "vit_features", "tokens_to_grid"]
 
 
 # ----------------------------------------------------------------------------------------------- token grids

@@ -27,21 +27,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..anatomy import unet_blocks  # re-exported: the encoder / decoder split lives in dmlab.anatomy
+
 __all__ = ["unet_blocks", "relative_change", "adjacent_mse", "fnorm_curve", "DriftReport", "trajectory_features",
            "feature_drift"]
-
-
-def unet_blocks(net) -> dict[str, list[str]]:
-    """``{"encoder": [...], "decoder": [...]}`` block names of a diffusers ``UNet2DModel`` /
-    ``UNet2DConditionModel``, split as Faster Diffusion does: the encoder is every down block and the mid block,
-    the decoder every up block (paper 35, Fig. 4b)."""
-    if not (hasattr(net, "down_blocks") and hasattr(net, "up_blocks") and hasattr(net, "mid_block")):
-        raise TypeError(f"unet_blocks needs a diffusers UNet (down_blocks, mid_block, up_blocks); got "
-                        f"{type(net).__name__}. For other networks pass layer names explicitly.")
-    enc = [f"down_blocks.{i}" for i in range(len(net.down_blocks))]
-    if net.mid_block is not None:
-        enc.append("mid_block")
-    return {"encoder": enc, "decoder": [f"up_blocks.{i}" for i in range(len(net.up_blocks))]}
 
 
 def _check_history(h) -> Tensor:
@@ -131,7 +120,7 @@ def trajectory_features(denoiser: Callable, net, x: Tensor, sigmas: Tensor, laye
     hooks on ``net``'s ``layers``; return the final sample and ``{layer: [calls, B, ...]}``, one entry per network
     call (one per step for Euler; Heun makes two). The hooks are removed afterwards and change nothing."""
     from ..samplers import sample_euler
-    from .capture import capture
+    from ..hooks import capture
 
     sampler = sample_euler if sampler is None else sampler
     with capture(net, list(layers), keep_all=True) as cap:

@@ -45,3 +45,21 @@ def test_denoising_error_of_the_identity_is_sigma_squared():
     assert torch.allclose(err, sig.double() ** 2, rtol=0.08)
     with pytest.raises(TypeError, match="generator"):
         denoising_error(lambda x, s: x, x0, sig, generator=None)
+
+
+def test_protocol_measures_early_exit():
+    """Early exit bypasses the root forward (it runs the blocks itself); the FLOP accountant still charges every
+    block on the samples that reached it."""
+    from dmlab.accelerators import EarlyExitConfig, apply_early_exit, exit_heads_for
+
+    from acc_models import dit
+
+    net = dit()
+    den = DiscreteVPDenoiser(net, AC)
+    p = Protocol(den, net, torch.tensor([1, 4]), generator=torch.Generator().manual_seed(0), n_steps=3)
+    heads = exit_heads_for(net)
+    for u in heads.uems:  # every sample leaves after block 2 of 4
+        torch.nn.init.zeros_(u.linear.weight)
+        torch.nn.init.constant_(u.linear.bias, -5.0)
+    row = p.measure("exit", apply=lambda m: apply_early_exit(m, EarlyExitConfig(heads, 0.1, min_depth=2)))
+    assert 1.0 < row["flop_speedup"] < 2.5 and row["psnr"] < 100
