@@ -471,11 +471,12 @@ def fit(loss: Callable[[Any], Tensor], model: nn.Module | None, config: FitConfi
             total = 0.0
             for _ in range(config.grad_accum):
                 batch = data(generator) if data is not None else generator
-                with acc.autocast():
+                with torch.enable_grad(), acc.autocast():
                     value = loss(_shard(batch, rank, world))
                 if not isinstance(value, Tensor) or value.numel() != 1:
                     raise TypeError(f"loss must return a scalar tensor, got {type(value).__name__}")
-                acc.backward(value / config.grad_accum)
+                with torch.enable_grad():
+                    acc.backward(value / config.grad_accum if config.grad_accum > 1 else value)
                 total += float(value.detach()) / config.grad_accum
             if world > 1:
                 _reduce_grads(params, world)

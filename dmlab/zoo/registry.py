@@ -111,8 +111,9 @@ def registry_table(root: pathlib.Path | None = None) -> str:
         m = ", ".join(f"{k}={v}" for k, v in e.get("metrics", {}).items()
                       if isinstance(v, (int, float)) and k not in ("guidance", "steps"))
         trained = f"{e.get('train_seconds', 0):.0f} s {e.get('train_device', '?')}"
+        flops = f"{e['flops_per_call'] / 1e6:.2f}" if "flops_per_call" in e else "-"
         cpu = f"{e['cpu_minutes_estimate']:.1f} min" if "cpu_minutes_estimate" in e else "-"
-        lines.append(f"{name:12s} {e.get('params', 0):>9,d} {e.get('flops_per_call', 0) / 1e6:>11.2f} "
+        lines.append(f"{name:12s} {e.get('params', 0):>9,d} {flops:>11s} "
                      f"{trained:>12s} {cpu:>10s}  {m}")
     return "\n".join(lines)
 
