@@ -39,7 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FitConfig", "FitResult", "fit", "run_dir", "code_hash", "runs_root", "EMA", "lr_at",
+__all__ = ["FitConfig", "FitResult", "fit", "ddpm_batch", "run_dir", "code_hash", "runs_root", "EMA", "lr_at",
            "RunStateError", "process_info", "split_between_processes", "gather_tensors"]
 
 OPTIMIZERS = ("adam", "adamw")
@@ -375,6 +375,28 @@ def _mean_across(x: float, world: int) -> float:
     t = torch.tensor([x], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / world
+
+
+# ----------------------------------------------------------------------------------------------- batches
+def ddpm_batch(x0: Tensor, alphas_cumprod: Tensor, batch_size: int, generator: torch.Generator, *,
+               labels: Tensor | None = None, p_uncond: float = 0.0, null_class: int = 10) -> dict:
+    """One DDPM training batch (Ho et al. 2020, Alg. 1), every draw from ``generator`` in this order: rows ``idx`` of
+    ``x0``, timesteps ``t`` uniform over ``alphas_cumprod``, noise ``eps``, and (with ``labels``) the label dropout to
+    ``null_class`` with probability ``p_uncond`` (classifier-free guidance training, Ho & Salimans 2022).
+
+    Returns ``{"idx", "x0", "t", "eps", "ac", "xt"}`` (``ac = alpha_bar_t`` shaped to broadcast, ``xt = sqrt(ac) x0 +
+    sqrt(1 - ac) eps``) and ``"y"`` with labels."""
+    idx = torch.randint(0, x0.shape[0], (batch_size,), generator=generator)
+    t = torch.randint(0, alphas_cumprod.numel(), (batch_size,), generator=generator)
+    x = x0[idx]
+    eps = torch.randn(x.shape, generator=generator)
+    out = {"idx": idx, "x0": x, "t": t, "eps": eps}
+    if labels is not None:
+        drop = torch.rand(batch_size, generator=generator) < p_uncond
+        out["y"] = torch.where(drop, torch.full_like(labels[idx], null_class), labels[idx])
+    ac = alphas_cumprod[t].reshape(-1, *([1] * (x.ndim - 1)))
+    out["ac"], out["xt"] = ac, ac.sqrt() * x + (1 - ac).sqrt() * eps
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the loop

@@ -63,6 +63,9 @@ def test_ema_accumulation_clipping_and_schedule():
     assert len(acc.losses) == 12 and acc.losses != _linear_run()[1].losses
     clipped, _ = _linear_run(grad_clip=1e-3)
     assert (clipped.weight - raw.weight).abs().max() > 1e-2  # tiny gradients: the clipped run barely moves
+    _, bf = _linear_run(mixed_precision="bf16")  # accelerate's autocast: same course at bf16 matmul precision
+    _, fp = _linear_run()
+    assert bf.losses != fp.losses and bf.losses[-1] == pytest.approx(fp.losses[-1], rel=0.05)
     cfg = FitConfig(steps=100, lr=1.0, schedule="cosine", warmup=10)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(55, cfg) == pytest.approx(0.5) and lr_at(100, cfg) == pytest.approx(0.0)

@@ -348,19 +348,14 @@ def train_exit_heads(model: Any, x0: Tensor, labels: Tensor, sigmas_train: Tenso
     dev = next(model.parameters()).device
     ac = (1 / (1 + sigmas_train.detach().double().cpu() ** 2)).float()
     c_in = model.config.in_channels
-    from ..train import FitConfig, fit
+    from ..train import FitConfig, ddpm_batch, fit
 
     req = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
 
     def draw(g):
-        i = torch.randint(0, x0.shape[0], (batch_size,), generator=g)
-        t = torch.randint(0, len(ac), (batch_size,), generator=g)
-        eps = torch.randn(x0[i].shape, generator=g)
-        drop = torch.rand(batch_size, generator=g) < p_uncond
-        y = torch.where(drop, torch.full_like(labels[i], null_class), labels[i])
-        a = ac[t].view(-1, 1, 1, 1)
-        return (a.sqrt() * x0[i] + (1 - a).sqrt() * eps), t, y
+        b = ddpm_batch(x0, ac, batch_size, g, labels=labels, p_uncond=p_uncond, null_class=null_class)
+        return b["xt"], b["t"], b["y"]
 
     def loss_of(b):
         xt, t, y = b

@@ -227,16 +227,11 @@ def distill_linear_attention(model: Any, modules: LinearAttentionModules, x0: Te
     model.requires_grad_(False)
     feats: list[Tensor] = []
     hooks = [mods[n].register_forward_hook(lambda m, a, o: feats.append(o)) for n in modules.names]
-    from ..train import FitConfig, fit
+    from ..train import FitConfig, ddpm_batch, fit
 
     def draw(g):
-        i = torch.randint(0, x0.shape[0], (batch_size,), generator=g)
-        t = torch.randint(0, len(ac), (batch_size,), generator=g)
-        eps = torch.randn(x0[i].shape, generator=g)
-        drop = torch.rand(batch_size, generator=g) < p_uncond
-        y = torch.where(drop, torch.full_like(labels[i], null_class), labels[i])
-        a = ac[t].view(-1, 1, 1, 1)
-        return (a.sqrt() * x0[i] + (1 - a).sqrt() * eps), t, y, eps
+        b = ddpm_batch(x0, ac, batch_size, g, labels=labels, p_uncond=p_uncond, null_class=null_class)
+        return b["xt"], b["t"], b["y"], b["eps"]
 
     def loss_of(b):
         xt, t, y, eps = (v.to(dev) for v in b)

@@ -300,7 +300,7 @@ def distill_pruned(handle: LayerPruneHandle, teacher: nn.Module, x0: Tensor, *, 
     protect_parameters(handle, dict(student.named_parameters()))
     restore_active = set(units)
     handle.on_remove(lambda: (handle.active.clear(), handle.active.update(restore_active)))
-    from ..train import FitConfig, fit
+    from ..train import FitConfig, ddpm_batch, fit
 
     dev, dt = next(student.parameters()).device, next(student.parameters()).dtype
     fs, ft = {}, {}
@@ -311,12 +311,9 @@ def distill_pruned(handle: LayerPruneHandle, teacher: nn.Module, x0: Tensor, *, 
             handle.active.update(units[: min(len(units), 1 + i * len(units) // steps)])
 
     def draw(g):
-        idx = torch.randint(x0.shape[0], (batch_size,), generator=g)
-        t = torch.randint(len(ac), (batch_size,), generator=g)
-        eps = torch.randn(x0[idx].shape, generator=g)
-        a = ac[t].reshape(-1, *([1] * (x0.ndim - 1)))
-        kw = {k: v[idx] for k, v in cond.items() if isinstance(v, Tensor) and v.shape[:1] == x0.shape[:1]}
-        return {"xt": a.sqrt() * x0[idx] + (1 - a).sqrt() * eps, "t": t, "eps": eps, "cond": kw}
+        b = ddpm_batch(x0, ac, batch_size, g)
+        kw = {k: v[b["idx"]] for k, v in cond.items() if isinstance(v, Tensor) and v.shape[:1] == x0.shape[:1]}
+        return {"xt": b["xt"], "t": b["t"], "eps": b["eps"], "cond": kw}
 
     def loss_of(b):
         xt, eps, t = b["xt"].to(dev, dt), b["eps"].to(dev), b["t"].to(dev)

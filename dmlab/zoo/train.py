@@ -68,20 +68,15 @@ def diffusion_batch(x_all: Tensor, y_all: Tensor, batch_size: int, gen: torch.Ge
                     alphas_cumprod: Tensor) -> dict:
     """A DDPM training batch: rows, timesteps ``t`` uniform over the training steps, noise, and labels dropped to the
     null class with probability ``p_uncond`` (every draw from ``gen``, on the CPU)."""
-    idx = torch.randint(0, x_all.shape[0], (batch_size,), generator=gen)
-    x0, y = x_all[idx], y_all[idx]
-    B = x0.shape[0]
-    t = torch.randint(0, alphas_cumprod.numel(), (B,), generator=gen)
-    eps = torch.randn(x0.shape, generator=gen)
-    drop = torch.rand(B, generator=gen) < recipe.train.p_uncond
-    y = torch.where(drop, torch.full_like(y, NULL_CLASS), y)
-    return {"x0": x0, "y": y, "t": t, "eps": eps, "ac": alphas_cumprod[t].view(-1, 1, 1, 1)}
+    from ..train import ddpm_batch
+
+    return ddpm_batch(x_all, alphas_cumprod, batch_size, gen, labels=y_all, p_uncond=recipe.train.p_uncond,
+                      null_class=NULL_CLASS)
 
 
 def diffusion_loss(model, batch: dict, device="cpu") -> Tensor:
     """DDPM eps-prediction loss ``|| eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t, y) ||^2``."""
-    x0, eps, ac = (batch[k].to(device) for k in ("x0", "eps", "ac"))
-    x_t = ac.sqrt() * x0 + (1 - ac).sqrt() * eps
+    x0, eps, x_t = (batch[k].to(device) for k in ("x0", "eps", "xt"))
     out = model(x_t, timestep=batch["t"].to(device), class_labels=batch["y"].to(device))
     out = out.sample if hasattr(out, "sample") else out
     return F.mse_loss(out[:, : x0.shape[1]], eps)
