@@ -410,7 +410,8 @@ def fit(loss: Callable[[Any], Tensor], model: nn.Module | None, config: FitConfi
     Args:
         loss: ``loss(batch) -> scalar tensor`` (``loss(generator)`` when ``data`` is ``None``).
         model: the module trained (``requires_grad`` parameters, unless ``params`` is given); its EMA is kept when
-            ``config.ema`` is set. ``None`` with ``params`` for free tensors.
+            ``config.ema`` is set. Several models: an ``nn.ModuleDict`` of them. ``None`` with ``params`` for free
+            tensors.
         config: a :class:`FitConfig`.
         generator: the run's ``torch.Generator`` (every draw of ``data``); saved and restored with the state.
         data: ``data(generator) -> batch`` (tensors, tuples or dicts of tensors with a leading batch dimension).
