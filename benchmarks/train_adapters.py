@@ -1,56 +1,23 @@
-"""Train the zoo's accelerator adapters with their recipes and register them.
+"""Train the zoo's accelerator adapters with their recipes and register them (they are zoo entries).
 
-* ``dit_l_exit``: DeeDiff exit heads and uncertainty modules for ``dit_l`` (paper 53;
-  :data:`dmlab.accelerators.early_exit.EXIT_RECIPE`);
-* ``dit_l_linear``: LinFusion linear attention distilled into ``dit_l`` (paper 2;
-  :data:`dmlab.accelerators.linear_attention.LINEAR_RECIPE`).
+* ``dit_l_exit``: DeeDiff exit heads and uncertainty modules for ``dit_l`` (paper 53);
+* ``dit_l_linear``: LinFusion linear attention distilled into ``dit_l`` (paper 2).
 
-Usage::
+The recipes are :data:`dmlab.zoo.recipes.RECIPES` entries and the training loop is :func:`dmlab.train.fit`, so this
+is the same as ``python -m dmlab.zoo train dit_l_exit``. Usage::
 
-    python benchmarks/train_adapters.py                        # train on the CPU and register in data/zoo
+    python benchmarks/train_adapters.py                          # train on the CPU and register in data/zoo
     python benchmarks/train_adapters.py --device cuda --out DIR  # train elsewhere, write DIR/<name>/ only
-    python benchmarks/train_adapters.py --register-from DIR      # register weights trained elsewhere
+    python benchmarks/train_adapters.py --register-from DIR      # copy DIR/<name>/ into the zoo and register it
 """
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
+import shutil
 import sys
 
 NAMES = ("dit_l_exit", "dit_l_linear")
-
-
-def _build(name: str, device: str, steps: int | None):
-    if name == "dit_l_exit":
-        from dmlab.accelerators.early_exit import build_exit_heads
-
-        return build_exit_heads(None, device=device, steps=steps)
-    from dmlab.accelerators.linear_attention import build_linear_attention
-
-    return build_linear_attention(None, device=device, steps=steps)
-
-
-def _register(name: str, module, log: dict) -> dict:
-    if name == "dit_l_exit":
-        from dmlab.accelerators.early_exit import EXIT_RECIPE, save_exit_heads
-
-        return save_exit_heads(module, name, base=EXIT_RECIPE["base"], recipe=EXIT_RECIPE, log=log)
-    from dmlab.accelerators.linear_attention import LINEAR_RECIPE, save_linear_attention
-
-    return save_linear_attention(module, name, base=LINEAR_RECIPE["base"], recipe=LINEAR_RECIPE, log=log)
-
-
-def _empty(name: str):
-    from dmlab import zoo
-
-    if name == "dit_l_exit":
-        from dmlab.accelerators.early_exit import exit_heads_for
-
-        return exit_heads_for(zoo.load("dit_l"))
-    from dmlab.accelerators.linear_attention import LINEAR_RECIPE, linear_attention_for
-
-    return linear_attention_for(zoo.load("dit_l"), mid_dim=LINEAR_RECIPE["mid_dim"])
 
 
 def main(argv=None) -> int:
@@ -59,32 +26,24 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="write weights and logs here instead of registering them")
     ap.add_argument("--register-from", default=None, help="register weights written earlier with --out")
-    ap.add_argument("--steps", type=int, default=None, help="override the recipe's steps (a smoke test; needs --out)")
     a = ap.parse_args(argv)
-    from safetensors.torch import load_file, save_file
+    from dmlab.zoo import zoo_dir
+    from dmlab.zoo.build import register, train_and_save
 
     for name in a.names:
         if name not in NAMES:
             raise SystemExit(f"unknown adapter {name!r}; choose from {NAMES}")
         if a.register_from:
-            folder = pathlib.Path(a.register_from) / name
-            module = _empty(name)
-            module.load_state_dict(load_file(str(folder / "model.safetensors")))
-            entry = _register(name, module.cpu().eval(), json.loads((folder / "log.json").read_text()))
-            print(name, "registered:", {k: entry[k] for k in ("params", "train_seconds", "train_steps")})
+            dest = zoo_dir() / name
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(pathlib.Path(a.register_from) / name, dest)
+        elif a.out:
+            print(name, "saved", train_and_save(name, device=a.device, root=pathlib.Path(a.out)))
             continue
-        if a.steps is not None and not a.out:
-            raise SystemExit("--steps changes the recipe: use it with --out (a smoke test), never to register")
-        module = _build(name, a.device, a.steps).cpu().eval()
-        log = module.train_log
-        print(name, f"{log['train_seconds']} s", "loss", log["loss"][0], "->", log["loss"][-1], flush=True)
-        if a.out:
-            folder = pathlib.Path(a.out) / name
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / "model.safetensors"))
-            (folder / "log.json").write_text(json.dumps(log))
         else:
-            _register(name, module, log)
+            train_and_save(name, device=a.device)
+        entry = register(name)
+        print(name, "registered:", {k: entry[k] for k in ("params", "train_seconds", "train_steps", "metrics")})
     return 0
 
 

@@ -1,11 +1,10 @@
-"""Small trained accelerator weights (exit heads, linear-attention modules) stored next to the zoo models.
+"""Trained accelerator weights (exit heads, linear-attention modules) as zoo entries.
 
-Their files sit in the zoo folder (``data/zoo/<name>/``) and go through the zoo's store (:mod:`dmlab.zoo.store`:
-``file_table``, ``fetch``, ``sha256``), so every file's hash is recorded and checked before loading, and a pip install
-without the checkout downloads them like the zoo models. Their registry is a file of its own,
-``data/zoo/adapters.json``, so the zoo's ``registry.json`` keeps exactly one entry per zoo recipe. An entry looks like
-a zoo entry with ``kind`` set to the adapter kind (``"exit_heads"``, ``"linear_attention"``) and ``base`` naming the zoo model it belongs to (with a fingerprint
-of that model's files, so a retrained base is detected).
+Adapters are entries of the zoo's one registry (``data/zoo/registry.json``) like the models: a recipe in
+:data:`dmlab.zoo.recipes.RECIPES` (``dit_l_exit``, ``dit_l_linear``), ``kind`` set to the adapter kind
+(:data:`dmlab.zoo.kinds.ADAPTER_KINDS`), ``base`` naming the zoo model they belong to with a fingerprint of that
+model's weight files (a retrained base is detected), and every file's sha256 checked before loading. ``zoo.load(
+"dit_l_exit")`` returns them; the functions here serve the accelerators' ``save_*`` / ``load_*`` helpers.
 """
 from __future__ import annotations
 
@@ -16,94 +15,81 @@ import time
 
 import torch
 
-ADAPTER_KINDS = ("exit_heads", "linear_attention")
-REGISTRY = "adapters.json"
+from ..zoo.kinds import ADAPTER_KINDS
+from ..zoo.store import base_fingerprint
+
+__all__ = ["ADAPTER_KINDS", "read_adapters", "recipe_hash", "base_fingerprint", "save_adapter", "load_adapter"]
 
 
 def read_adapters(root: pathlib.Path | None = None) -> dict:
-    """The adapter registry ``{name: entry}`` of the zoo folder (downloaded first when the zoo is remote)."""
-    import os
+    """The adapter entries ``{name: entry}`` of the zoo registry."""
+    from ..zoo.store import read_registry
 
-    from ..zoo.store import _download, checkout_zoo_dir, raw_url, zoo_dir
-
-    path = (root or zoo_dir()) / REGISTRY
-    if not path.is_file():
-        if root is None and checkout_zoo_dir() is None and not os.environ.get("DMLAB_DATA"):
-            _download(raw_url(REGISTRY), path)
-        else:
-            return {}
-    return json.loads(path.read_text())
+    return {k: v for k, v in read_registry(root).items() if v.get("kind") in ADAPTER_KINDS}
 
 
-def write_adapters(reg: dict, root: pathlib.Path | None = None) -> pathlib.Path:
-    """Write the adapter registry sorted by name."""
-    from ..zoo.store import zoo_dir
-
-    path = (root or zoo_dir()) / REGISTRY
-    path.write_text(json.dumps({k: reg[k] for k in sorted(reg)}, indent=1) + "\n")
-    return path
-
-
-def recipe_hash(recipe: dict) -> str:
-    """sha256 (16 hex digits) of the canonical JSON of an adapter's recipe."""
+def recipe_hash(recipe) -> str:
+    """The config hash of an adapter recipe: a zoo ``Recipe``'s own, or sha256 (16 hex digits) of a dict's
+    canonical JSON."""
+    if hasattr(recipe, "config_hash"):
+        return recipe.config_hash
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def base_fingerprint(entry: dict) -> str:
-    """A hash of the sha256 of the weight files of a registry entry: changes whenever the base model is retrained."""
-    shas = sorted(meta["sha256"] for rel, meta in entry.get("files", {}).items() if rel.endswith(".safetensors"))
-    return hashlib.sha256("".join(shas).encode()).hexdigest()[:16]
-
-
-def save_adapter(name: str, module: torch.nn.Module, *, kind: str, base: str, config: dict, recipe: dict,
+def save_adapter(name: str, module: torch.nn.Module, *, kind: str, base: str, config: dict, recipe,
                  description: str, log: dict, root: pathlib.Path | None = None) -> dict:
     """Write ``module``'s weights (safetensors), its ``config`` and training ``log`` to ``<zoo>/<name>/`` and
-    register them (``kind``, ``base`` and its config hash, the recipe and its hash, file hashes, params)."""
+    register them in the zoo registry (``kind``, ``base`` and its fingerprint, the recipe and its hash, file
+    hashes, params)."""
     from safetensors.torch import save_file
 
-    from ..zoo.store import file_table, read_registry, zoo_dir
+    from ..zoo.store import file_table, read_registry, write_registry, zoo_dir
 
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"kind must be one of {ADAPTER_KINDS}, got {kind!r}")
     root = root or zoo_dir()
+    reg = read_registry(root)
+    if base not in reg:
+        raise ValueError(f"base model {base!r} is not in the zoo registry; train it first "
+                         f"(`python -m dmlab.zoo train {base}`)")
+    from ..zoo.kinds import adapter_recipe_dict
+    from ..zoo.recipes import RECIPES
+
+    if name in RECIPES and not hasattr(recipe, "config_hash") and adapter_recipe_dict(RECIPES[name]) == recipe:
+        recipe = RECIPES[name]  # the zoo recipe these settings spell out: its hash is the entry's
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
               str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
-    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
-    reg = read_registry(root)
-    if base not in reg:
-        raise ValueError(f"base model {base!r} is not in the zoo registry; train it first "
-                         f"(`python -m dmlab.zoo train {base}`)")
+    chash = recipe_hash(recipe)
+    (folder / "train_log.json").write_text(json.dumps(dict(log, config_hash=chash), sort_keys=True) + "\n")
     entry = {"kind": kind, "description": description, "base": base, "base_weights": base_fingerprint(reg[base]),
-             "recipe": recipe, "config_hash": recipe_hash(recipe), "files": file_table(folder),
-             "train_seconds": log.get("train_seconds"), "train_steps": log.get("steps"),
-             "params": sum(p.numel() for p in module.parameters()), "torch_version": torch.__version__,
-             "metrics": log.get("metrics", {}), "saved": time.strftime("%Y-%m-%d")}
-    reg = read_adapters(root)
+             "recipe": recipe.to_dict() if hasattr(recipe, "to_dict") else recipe, "config_hash": chash,
+             "files": file_table(folder), "train_seconds": log.get("train_seconds"), "train_steps": log.get("steps"),
+             "train_device": log.get("device"), "params": sum(p.numel() for p in module.parameters()),
+             "torch_version": torch.__version__, "metrics": log.get("metrics", {}), "saved": time.strftime("%Y-%m-%d")}
     reg[name] = entry
-    write_adapters(reg, root)
+    write_registry(reg, root)
     return entry
 
 
 def load_adapter(name: str, *, kind: str, root: pathlib.Path | None = None) -> tuple[dict, dict, dict]:
-    """``(state_dict, config, registry entry)`` of a registered adapter after checking every file's sha256."""
+    """``(state_dict, config, registry entry)`` of a registered adapter after checking its base and every file's
+    sha256."""
     from safetensors.torch import load_file
 
+    from ..zoo.registry import _check_base
     from ..zoo.store import fetch, read_registry, zoo_dir
 
-    reg = read_adapters(root)
+    reg = read_registry(root)
     if name not in reg:
-        raise FileNotFoundError(f"no adapter {name!r} in {(root or zoo_dir()) / REGISTRY}; train it with its recipe "
-                                f"(python benchmarks/train_adapters.py {name}) or use the chapter's fallback")
+        raise FileNotFoundError(f"no adapter {name!r} in {(root or zoo_dir()) / 'registry.json'}; train it with its "
+                                f"recipe (`python -m dmlab.zoo train {name}`) or use the chapter's fallback")
     entry = reg[name]
     if entry.get("kind") != kind:
-        raise ValueError(f"adapter {name!r} is a {entry.get('kind')!r}, not {kind!r}")
-    base = read_registry(root).get(entry["base"])
-    if base is not None and base_fingerprint(base) != entry.get("base_weights"):
-        raise ValueError(f"adapter {name!r} was trained on other weights of {entry['base']!r} than the registered "
-                         f"ones (the base model was retrained); retrain the adapter with its recipe")
+        raise ValueError(f"zoo entry {name!r} is a {entry.get('kind')!r}, not {kind!r}")
+    _check_base(name, entry, root)
     folder = fetch(name, entry, root)
     state = load_file(str(folder / "model.safetensors"))
     config = json.loads((folder / "config.json").read_text())

@@ -32,7 +32,6 @@ plots).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,7 +320,7 @@ def train_exit_heads(model: Any, x0: Tensor, labels: Tensor, sigmas_train: Tenso
     probability ``p_uncond``, as the zoo models were trained), a DDPM timestep ``t`` uniform over the training
     schedule ``sigmas_train`` (e.g. ``denoiser.sigmas_train``) and noise, all from ``generator``, and runs the frozen
     model once. Loss per exit ``i``: ``(2 - u_i) mse(g_i, y) + (u_i - tanh(mae(g_i, y)))^2`` with ``y`` the full
-    model's output tokens (the module docstring says why). AdamW, cosine learning-rate decay. ``log`` has the loss
+    model's output tokens (the module docstring says why). AdamW, cosine learning-rate decay (:func:`dmlab.train.fit`). ``log`` has the loss
     curve (every 10 steps), the final per-exit error and seconds.
     """
     model = resolve_model(model, method="train_exit_heads")
@@ -337,50 +336,39 @@ def train_exit_heads(model: Any, x0: Tensor, labels: Tensor, sigmas_train: Tenso
     dev = next(model.parameters()).device
     ac = (1 / (1 + sigmas_train.detach().double().cpu() ** 2)).float()
     c_in = model.config.in_channels
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    from ..train import FitConfig, ddpm_batch, fit
+
     req = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
-    log = {"loss": [], "steps": steps, "batch_size": batch_size, "lr": lr}
-    t0 = time.perf_counter()
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="exit heads")
-    heads.train()
+    def draw(g):
+        b = ddpm_batch(x0, ac, batch_size, g, labels=labels, p_uncond=p_uncond, null_class=null_class)
+        return b["xt"], b["t"], b["y"]
+
+    def loss_of(b):
+        xt, t, y = b
+        with torch.no_grad():
+            hs, c, target = block_outputs(model, xt.to(dev), t.to(dev), class_labels=y.to(dev))
+        loss = 0.0
+        for d in range(1, heads.n_layers):
+            g = heads.output(d, hs[d - 1], c)
+            u = heads.uncertainty(d, hs[d - 1], c)
+            # the eps channels only, not DiT's learned-variance channels
+            err = (g - target).reshape(*g.shape[:2], -1, model.out_channels)[..., :c_in]
+            mse = err.pow(2).flatten(1).mean(1)
+            mae = err.abs().flatten(1).mean(1)
+            loss = loss + ((2 - u.detach()) * mse).mean() + (u - torch.tanh(mae.detach())).pow(2).mean()
+        return loss / (heads.n_layers - 1)
+
+    cfg = FitConfig(steps=steps, lr=lr, optimizer="adamw", schedule="cosine", log_every=10, progress=progress,
+                    desc="exit heads")
     try:
-        for step in it:
-            i = torch.randint(0, x0.shape[0], (batch_size,), generator=generator)
-            t = torch.randint(0, len(ac), (batch_size,), generator=generator)
-            eps = torch.randn(x0[i].shape, generator=generator)
-            drop = torch.rand(batch_size, generator=generator) < p_uncond
-            y = torch.where(drop, torch.full_like(labels[i], null_class), labels[i])
-            a = ac[t].view(-1, 1, 1, 1)
-            xt = (a.sqrt() * x0[i] + (1 - a).sqrt() * eps).to(dev)
-            with torch.no_grad():
-                hs, c, target = block_outputs(model, xt, t.to(dev), class_labels=y.to(dev))
-            loss = 0.0
-            for d in range(1, heads.n_layers):
-                g = heads.output(d, hs[d - 1], c)
-                u = heads.uncertainty(d, hs[d - 1], c)
-                # the eps channels only, not DiT's learned-variance channels
-                err = (g - target).reshape(*g.shape[:2], -1, model.out_channels)[..., :c_in]
-                mse = err.pow(2).flatten(1).mean(1)
-                mae = err.abs().flatten(1).mean(1)
-                loss = loss + ((2 - u.detach()) * mse).mean() + (u - torch.tanh(mae.detach())).pow(2).mean()
-            loss = loss / (heads.n_layers - 1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % 10 == 0 or step == steps - 1:
-                log["loss"].append((step, float(loss.detach())))
+        res = fit(loss_of, heads, cfg, generator=generator, data=draw)
     finally:
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
-        heads.eval()
-    log["train_seconds"] = round(time.perf_counter() - t0, 1)
+    log = {"loss": [(s, v) for s, v in enumerate(res.losses) if s % 10 == 0 or s == steps - 1], "steps": steps,
+           "batch_size": batch_size, "lr": lr, "train_seconds": round(res.seconds, 1)}
     return heads, log
 
 

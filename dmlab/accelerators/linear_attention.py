@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..anatomy import resolve_model, self_attention_names
-from ..hooks import Handle, add_hook, capture, claim, patch_forward
+from ..hooks import Handle, add_hook, capture, claim, output_tensor, patch_forward
 
 __all__ = ["GeneralizedLinearAttention", "LinearAttentionModules", "LinearAttentionConfig", "linear_attention_for",
            "apply_linear_attention", "distill_linear_attention", "self_attention_names", "cost_curve",
@@ -205,59 +204,48 @@ def distill_linear_attention(model: Any, modules: LinearAttentionModules, x0: Te
     ``sigmas_train``, noise; the teacher (the unpatched model) and the student (the same model with ``modules``
     applied) run on the same input. Loss ``w_eps mse(eps_student, eps) + w_kd mse(student, teacher) + w_feat
     mean_l mse(attn_l student, attn_l teacher)`` (LinFusion's weights 1, 0.5, 0.5 by default); AdamW on the linear
-    modules only, cosine decay. Returns ``(modules, log)`` with the loss curve every 10 steps and seconds.
+    modules only, cosine decay (:func:`dmlab.train.fit`). Returns ``(modules, log)`` with the loss curve every 10 steps and seconds.
     """
     model = resolve_model(model, method="distill_linear_attention")
     if not isinstance(generator, torch.Generator):
         raise TypeError("generator must be a torch.Generator (e.g. the one dmlab.setup returns)")
     if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"steps and batch_size must be ints >= 1, got {steps!r}, {batch_size!r}")
-    from ..denoisers import net_output as _net_output
-
-    mods = dict(model.named_modules())
     ac = (1 / (1 + sigmas_train.detach().double().cpu() ** 2)).float()
     dev = next(model.parameters()).device
     c_in = model.config.in_channels
-    opt = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     req = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     feats: list[Tensor] = []
     hooks = [capture(model, modules.names, detach=False, sink=feats)]
-    log = {"loss": [], "steps": steps, "batch_size": batch_size, "lr": lr}
-    t0 = time.perf_counter()
-    modules.train()
+    from ..train import FitConfig, ddpm_batch, fit
+
+    def draw(g):
+        b = ddpm_batch(x0, ac, batch_size, g, labels=labels, p_uncond=p_uncond, null_class=null_class)
+        return b["xt"], b["t"], b["y"], b["eps"]
+
+    def loss_of(b):
+        xt, t, y, eps = (v.to(dev) for v in b)
+        feats.clear()
+        with torch.no_grad():
+            teacher = output_tensor(model(xt, timestep=t, class_labels=y))[:, :c_in]
+        f_teacher = [f.detach() for f in feats]
+        feats.clear()
+        with apply_linear_attention(model, LinearAttentionConfig(modules)):
+            student = output_tensor(model(xt, timestep=t, class_labels=y))[:, :c_in]
+        return (w_eps * F.mse_loss(student, eps) + w_kd * F.mse_loss(student, teacher)
+                + w_feat * sum(F.mse_loss(s, f) for s, f in zip(feats, f_teacher)) / len(f_teacher))
+
+    cfg = FitConfig(steps=steps, lr=lr, optimizer="adamw", schedule="cosine", log_every=10, desc="linear attention")
     try:
-        for step in range(steps):
-            i = torch.randint(0, x0.shape[0], (batch_size,), generator=generator)
-            t = torch.randint(0, len(ac), (batch_size,), generator=generator)
-            eps = torch.randn(x0[i].shape, generator=generator)
-            drop = torch.rand(batch_size, generator=generator) < p_uncond
-            y = torch.where(drop, torch.full_like(labels[i], null_class), labels[i]).to(dev)
-            a = ac[t].view(-1, 1, 1, 1)
-            xt = (a.sqrt() * x0[i] + (1 - a).sqrt() * eps).to(dev)
-            feats.clear()
-            with torch.no_grad():
-                teacher = _net_output(model(xt, timestep=t.to(dev), class_labels=y))[:, :c_in]
-            f_teacher = [f.detach() for f in feats]
-            feats.clear()
-            with apply_linear_attention(model, LinearAttentionConfig(modules)):
-                student = _net_output(model(xt, timestep=t.to(dev), class_labels=y))[:, :c_in]
-            loss = (w_eps * F.mse_loss(student, eps.to(dev)) + w_kd * F.mse_loss(student, teacher)
-                    + w_feat * sum(F.mse_loss(s, f) for s, f in zip(feats, f_teacher)) / len(f_teacher))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % 10 == 0 or step == steps - 1:
-                log["loss"].append((step, float(loss.detach())))
+        res = fit(loss_of, modules, cfg, generator=generator, data=draw)
     finally:
         for hk in hooks:
             hk.remove()
         for p, r in zip(model.parameters(), req):
             p.requires_grad_(r)
-        modules.eval()
-    log["train_seconds"] = round(time.perf_counter() - t0, 1)
+    log = {"loss": [(s, v) for s, v in enumerate(res.losses) if s % 10 == 0 or s == steps - 1], "steps": steps,
+           "batch_size": batch_size, "lr": lr, "train_seconds": round(res.seconds, 1)}
     return modules, log
 
 

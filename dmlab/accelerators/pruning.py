@@ -288,36 +288,39 @@ def distill_pruned(handle: LayerPruneHandle, teacher: nn.Module, x0: Tensor, *, 
     protect_parameters(handle, dict(student.named_parameters()))
     restore_active = set(units)
     handle.on_remove(lambda: (handle.active.clear(), handle.active.update(restore_active)))
-    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    from ..train import FitConfig, ddpm_batch, fit
+
     dev, dt = next(student.parameters()).device, next(student.parameters()).dtype
     fs, ft = {}, {}
     hooks = _capture(student, feats, fs) + _capture(teacher, feats, ft)
-    losses = []
+
+    def grow(i):  # progressive: activate the pruned units one group at a time
+        if progressive:
+            handle.active.update(units[: min(len(units), 1 + i * len(units) // steps)])
+
+    def draw(g):
+        b = ddpm_batch(x0, ac, batch_size, g)
+        kw = {k: v[b["idx"]] for k, v in cond.items() if isinstance(v, Tensor) and v.shape[:1] == x0.shape[:1]}
+        return {"xt": b["xt"], "t": b["t"], "eps": b["eps"], "cond": kw}
+
+    def loss_of(b):
+        xt, eps, t = b["xt"].to(dev, dt), b["eps"].to(dev), b["t"].to(dev)
+        kw = {k: (b["cond"][k].to(dev) if k in b["cond"] else v) for k, v in cond.items()}
+        with torch.no_grad():
+            out_t = net_output(teacher(xt, timestep=t, **kw))[:, : x0.shape[1]]
+        out_s = net_output(student(xt, timestep=t, **kw))[:, : x0.shape[1]]
+        loss = (out_s - eps).pow(2).mean()
+        loss = loss + (_spectral_mse(out_s, out_t) if spectral else (out_s - out_t).pow(2).mean())
+        for n in feats:
+            if fs.get(n) is not None and ft.get(n) is not None and fs[n].shape == ft[n].shape:
+                term = (fs[n] - ft[n].detach()).pow(2).mean()
+                loss = loss + (term / ft[n].detach().pow(2).mean().clamp_min(1e-8) if normalized else term)
+        return loss
+
     try:
-        for i in range(steps):
-            if progressive:
-                handle.active.update(units[: min(len(units), 1 + i * len(units) // steps)])
-            idx = torch.randint(x0.shape[0], (batch_size,), generator=generator)
-            t = torch.randint(len(ac), (batch_size,), generator=generator)
-            eps = torch.randn(x0[idx].shape, generator=generator)
-            a = ac[t].reshape(-1, *([1] * (x0.ndim - 1)))
-            xt = (a.sqrt() * x0[idx] + (1 - a).sqrt() * eps).to(dev, dt)
-            eps, t = eps.to(dev), t.to(dev)
-            kw = {k: (v[idx].to(dev) if isinstance(v, Tensor) and v.shape[:1] == x0.shape[:1] else v) for k, v in cond.items()}
-            with torch.no_grad():
-                out_t = net_output(teacher(xt, timestep=t, **kw))[:, : x0.shape[1]]
-            with torch.enable_grad():
-                out_s = net_output(student(xt, timestep=t, **kw))[:, : x0.shape[1]]
-                loss = (out_s - eps).pow(2).mean()
-                loss = loss + (_spectral_mse(out_s, out_t) if spectral else (out_s - out_t).pow(2).mean())
-                for n in feats:
-                    if fs.get(n) is not None and ft.get(n) is not None and fs[n].shape == ft[n].shape:
-                        term = (fs[n] - ft[n].detach()).pow(2).mean()
-                        loss = loss + (term / ft[n].detach().pow(2).mean().clamp_min(1e-8) if normalized else term)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            losses.append(float(loss.detach()))
+        res = fit(loss_of, None, FitConfig(steps=steps, lr=lr, optimizer="adam"), generator=generator, data=draw,
+                  params=[p for p in student.parameters() if p.requires_grad], before_step=grow)
+        losses = res.losses
     finally:
         for hk in hooks:
             hk.remove()

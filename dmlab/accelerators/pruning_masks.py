@@ -157,33 +157,39 @@ def learn_masks(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
             outs.append(d)
             xi = xi + (s_next - s) * (xi - d) / s
         ref = xi
-    opt = torch.optim.Adam(list(logits.values()), lr=lr)
+    from ..train import FitConfig, fit
+
     info = {"saved_bytes": 0, "loss": float("nan")}
+    it = [0]
     try:
         soft = {s: torch.sigmoid(v) for s, v in logits.items()}
-        with apply_masks(net, soft):
-            for it in range(steps):
-                for s, v in logits.items():
-                    soft[s] = torch.sigmoid(v)  # the hooks read this dict's tensors
-                saved = [0]
 
-                def pack(t):
-                    saved[0] += t.numel() * t.element_size()
-                    return t
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if it == 0 else _null():
-                    if objective == "e2e":
-                        fit = (_euler_unroll(denoiser, x, sigmas, cond, checkpoint) - ref).pow(2).mean()
-                    else:
-                        i = int(torch.randint(len(states), (1,), generator=generator))
-                        fit = (denoiser(states[i], sigmas[i].expand(x.shape[0]), **cond) - outs[i]).pow(2).mean()
-                    density = torch.cat(list(soft.values())).mean()
-                    loss = fit + sparsity_weight * density
-                if it == 0:
-                    info["saved_bytes"] = saved[0]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                info["loss"] = float(loss.detach())
+        def loss_of(g):
+            for s, v in logits.items():
+                soft[s] = torch.sigmoid(v)  # the hooks read this dict's tensors
+            saved = [0]
+
+            def pack(t):
+                saved[0] += t.numel() * t.element_size()
+                return t
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if it[0] == 0 else _null():
+                if objective == "e2e":
+                    fit_term = (_euler_unroll(denoiser, x, sigmas, cond, checkpoint) - ref).pow(2).mean()
+                else:
+                    i = int(torch.randint(len(states), (1,), generator=g))
+                    fit_term = (denoiser(states[i], sigmas[i].expand(x.shape[0]), **cond) - outs[i]).pow(2).mean()
+                density = torch.cat(list(soft.values())).mean()
+                loss = fit_term + sparsity_weight * density
+            if it[0] == 0:
+                info["saved_bytes"] = saved[0]
+            it[0] += 1
+            return loss
+
+        with apply_masks(net, soft):
+            if steps:
+                res = fit(loss_of, None, FitConfig(steps=steps, lr=lr, optimizer="adam"), generator=generator,
+                          params=list(logits.values()))
+                info["loss"] = res.losses[-1]
     finally:
         for p, f in flags:
             p.requires_grad_(f)

@@ -66,15 +66,16 @@ def quest_finetune(handle: QuantHandle, calibration: CalibrationSet, *, select="
 
     initial = mean_loss()
     protect_parameters(handle, params)
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
-    with torch.enable_grad():
-        for _ in range(steps):
-            i = int(torch.randint(len(calls), (1,), generator=generator))
-            a, k = calls[i]
-            loss = (net_output(model(*a, **k)) - targets[i]).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    from ..train import FitConfig, fit
+
+    def loss_of(g):  # one calibration batch per step, drawn with the generator
+        i = int(torch.randint(len(calls), (1,), generator=g))
+        a, k = calls[i]
+        return (net_output(model(*a, **k)) - targets[i]).pow(2).mean()
+
+    if steps:
+        fit(loss_of, None, FitConfig(steps=steps, lr=lr, optimizer="adam"), generator=generator,
+            params=list(params.values()))
     for p in params.values():
         p.requires_grad_(False)
     info = {"params": sum(p.numel() for p in params.values()), "initial_loss": initial, "final_loss": mean_loss(),

@@ -160,6 +160,8 @@ def train_lowrank_dae(x: Tensor, n_subspaces: int, dim: int, *, generator: torch
     Each of ``n_init`` runs starts like :func:`subspace_clustering` (a seed point + small random directions) and
     runs Adam; like any non-convex fit it can stop in a wrong partition, so the run with the lowest loss on a fixed
     evaluation batch is kept (the counterpart of clustering's restarts)."""
+    from ..train import FitConfig, fit
+
     x = x.reshape(len(x), -1).to(torch.float64)
     N, n = x.shape
     lo, hi = math.log(sigma_range[0]), math.log(sigma_range[1])
@@ -180,12 +182,8 @@ def train_lowrank_dae(x: Tensor, n_subspaces: int, dim: int, *, generator: torch
         W = torch.stack([torch.cat([x[s:s + 1].T, 0.1 * torch.randn(n, dim - 1, generator=generator,
                                                                      dtype=torch.float64)], 1) for s in seeds])
         W.requires_grad_(True)
-        opt = torch.optim.Adam([W], lr=lr)
-        for _ in range(steps):
-            loss = loss_of(W, *draw(batch))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        fit(lambda b: loss_of(W, *b), None, FitConfig(steps=steps, lr=lr, optimizer="adam"), generator=generator,
+            data=lambda g: draw(batch), params=[W])
         with torch.no_grad():
             final = float(loss_of(W, *held))
         if final < best[0]:

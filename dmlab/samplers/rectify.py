@@ -121,7 +121,7 @@ def train_rectified(noise: Tensor, x0: Tensor, *, form: str = "diffusion", predi
     * ``"independent"``: as ``"diffusion"`` but with ``eps`` drawn afresh (ordinary denoising score matching on the
       samples ``x0``): the un-rectified baseline at equal training budget.
 
-    Adam with a cosine learning-rate decay; every draw uses ``generator``.
+    Adam with a cosine learning-rate decay (:func:`dmlab.train.fit`); every draw uses ``generator``.
     """
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; use one of {FORMS}")
@@ -136,23 +136,27 @@ def train_rectified(noise: Tensor, x0: Tensor, *, form: str = "diffusion", predi
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     torch.manual_seed(int(torch.randint(2 ** 31, (1,), generator=generator)))  # the init, from the generator
     net = TimeMLP(noise.shape[1], width)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    from ..train import FitConfig, fit
+
     e_all, x_all = noise.float(), x0.float()
-    for _ in range(steps):
-        i = torch.randint(len(x_all), (batch,), generator=generator)
-        t = torch.rand(batch, generator=generator) * 0.998 + 0.001
+
+    def draw(g):
+        i = torch.randint(len(x_all), (batch,), generator=g)
+        t = torch.rand(batch, generator=g) * 0.998 + 0.001
         x, e = x_all[i], e_all[i]
         if form == "independent":
-            e = torch.randn(x.shape, generator=generator)
+            e = torch.randn(x.shape, generator=g)
+        return x, e, t
+
+    def loss_of(b):
+        x, e, t = b
         if form == "flow":
             xt, target = (1 - t[:, None]) * x + t[:, None] * e, e - x
         else:
-            a, b = torch.cos(t * math.pi / 2)[:, None], torch.sin(t * math.pi / 2)[:, None]
-            xt, target = a * x + b * e, (e if prediction == "epsilon" else a * e - b * x)
-        loss = (net(xt, t) - target).pow(2).sum(1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+            a, s = torch.cos(t * math.pi / 2)[:, None], torch.sin(t * math.pi / 2)[:, None]
+            xt, target = a * x + s * e, (e if prediction == "epsilon" else a * e - s * x)
+        return (net(xt, t) - target).pow(2).sum(1).mean()
+
+    fit(loss_of, net, FitConfig(steps=steps, lr=lr, optimizer="adam", schedule="cosine"), generator=generator,
+        data=draw)
     return _Trained(net, "flow" if form == "flow" else "diffusion", prediction)

@@ -2,6 +2,8 @@
 
 ``train`` runs a recipe (resuming an interrupted run), saves the weights under the zoo folder and registers them
 (sha256, params, FLOPs per call, training time, measured metrics). ``register`` re-measures a saved model.
+``accelerate launch -m dmlab.zoo train NAME`` trains data-parallel (:func:`dmlab.train.fit`) and shards the metric
+samples across the processes; the main process writes the files.
 """
 from __future__ import annotations
 
@@ -31,16 +33,31 @@ def main(argv=None) -> int:
     from . import registry_table, verify_all
     from .build import register, train_and_save
 
+    from ..train import process_info
+
+    main, world = process_info()[0] == 0, process_info()[1]
+
+    def barrier():
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def show(entry):
+        if main:
+            print({k: entry.get(k) for k in ("config_hash", "params", "flops_per_call", "train_seconds", "metrics")})
+
     if a.cmd == "train":
         folder = train_and_save(a.name, device=a.device, resume=not a.fresh,
                                 root=pathlib.Path(a.out) if a.out else None)
-        print(f"saved {folder}")
+        barrier()
+        if main:
+            print(f"saved {folder}" + (f" ({world} processes)" if world > 1 else ""))
         if not a.no_register:
-            entry = register(a.name, root=pathlib.Path(a.out) if a.out else None)
-            print({k: entry[k] for k in ("config_hash", "params", "flops_per_call", "train_seconds", "metrics")})
+            show(register(a.name, root=pathlib.Path(a.out) if a.out else None))
+            barrier()
     elif a.cmd == "register":
-        entry = register(a.name, root=pathlib.Path(a.out) if a.out else None, measure=not a.keep_metrics)
-        print({k: entry[k] for k in ("config_hash", "params", "flops_per_call", "train_seconds", "metrics")})
+        show(register(a.name, root=pathlib.Path(a.out) if a.out else None, measure=not a.keep_metrics))
     elif a.cmd == "list":
         print(registry_table())
     elif a.cmd == "verify":

@@ -1,11 +1,17 @@
-"""Train a recipe, save it under the zoo folder, and write its registry entry (what ``python -m dmlab.zoo`` runs)."""
+"""Train a recipe, save it under the zoo folder, and write its registry entry (what ``python -m dmlab.zoo`` runs).
+
+What differs between kinds (how to train, cost and measure) comes from :data:`dmlab.zoo.kinds.KINDS`. Under
+``accelerate launch`` every process trains (data-parallel) and measures its share of the samples; the main process
+alone writes files.
+"""
 from __future__ import annotations
 
 import json
 import pathlib
 
+from .kinds import kind_of
 from .recipes import get_recipe
-from .store import file_table, read_registry, write_registry, zoo_dir
+from .store import base_fingerprint, file_table, read_registry, write_registry, zoo_dir
 
 
 def train_and_save(name: str, *, device: str = "cpu", resume: bool = True, root: pathlib.Path | None = None,
@@ -13,14 +19,7 @@ def train_and_save(name: str, *, device: str = "cpu", resume: bool = True, root:
     """Run recipe ``name`` (resuming an interrupted run) and save the result to ``<root>/<name>/``."""
     recipe = get_recipe(name)
     root = root or zoo_dir()
-    if recipe.kind == "sd":
-        from .latent import train_pipeline
-
-        return train_pipeline(recipe, root / name, device=device, resume=resume, progress=progress)
-    from .train import save_model, train
-
-    model, log = train(recipe, device=device, resume=resume, progress=progress)
-    return save_model(recipe, model, log, root / name)
+    return kind_of(recipe.kind).train(recipe, root / name, device=device, resume=resume, progress=progress)
 
 
 def register(name: str, *, root: pathlib.Path | None = None, measure: bool = True, cpu_cost: bool = True) -> dict:
@@ -28,9 +27,13 @@ def register(name: str, *, root: pathlib.Path | None = None, measure: bool = Tru
     (``cpu_cost``) and measured metrics (``measure``; otherwise the registry's previous metrics are kept)."""
     import torch
 
-    from . import _load_unverified, evaluate
+    from ..train import process_info
+    from . import evaluate
+    from .registry import _load_unverified
 
+    main = process_info()[0] == 0
     recipe = get_recipe(name)
+    kind = kind_of(recipe.kind)
     root = root or zoo_dir()
     folder = root / name
     log = json.loads((folder / "train_log.json").read_text())
@@ -43,29 +46,24 @@ def register(name: str, *, root: pathlib.Path | None = None, measure: bool = Tru
              "config_hash": recipe.config_hash, "files": file_table(folder),
              "train_seconds": log["train_seconds"], "train_steps": log["steps"], "train_device": log["device"],
              "torch_version": torch.__version__}
+    if kind.adapter:
+        base = recipe.extra["base"]
+        if base not in reg:
+            raise ValueError(f"base model {base!r} is not in the zoo registry; train it first "
+                             f"(`python -m dmlab.zoo train {base}`)")
+        entry.update(base=base, base_weights=base_fingerprint(reg[base]))
     reg[name] = dict(entry, metrics=old.get("metrics", {}))
-    write_registry(reg, root)  # files known before measuring: load() can verify them
+    if main:
+        write_registry(reg, root)  # files known before measuring: load() can verify them
     obj = _load_unverified(name, root)
-    if recipe.kind == "sd":
-        from .latent import measure_pipeline, pipeline_cost
-
-        entry.update(pipeline_cost(obj))
-        metrics = measure_pipeline(obj) if measure else old.get("metrics", {})
-    else:
-        entry["params"] = sum(p.numel() for p in obj.parameters())
-        entry["flops_per_call"] = evaluate.flops_per_call(obj, recipe.kind, recipe.size)
-        if not measure:
-            metrics = old.get("metrics", {})
-        elif recipe.kind == "classifier":
-            metrics = evaluate.measure_classifier()
-        else:
-            metrics = evaluate.measure_digits_model(name)
-    if cpu_cost:
+    entry.update(kind.cost(obj, recipe))
+    entry["metrics"] = kind.evaluate(name, root) if measure else old.get("metrics", {})
+    if cpu_cost and not kind.adapter:
         entry.update(evaluate.cpu_seconds_per_step(recipe))
     else:
         entry.update({k: old[k] for k in ("cpu_seconds_per_step", "cpu_minutes_estimate") if k in old})
-    entry["metrics"] = metrics
     reg = read_registry(root)
     reg[name] = entry
-    write_registry(reg, root)
+    if main:
+        write_registry(reg, root)
     return entry

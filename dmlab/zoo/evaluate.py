@@ -17,11 +17,12 @@ def balanced_labels(n_per_class: int, n_classes: int = 10) -> Tensor:
 @torch.no_grad()
 def sample_digits(denoiser, labels: Tensor, *, generator: torch.Generator, n_steps: int = DEFAULT_STEPS,
                   guidance: float = 1.0, sigma_min: float | None = None, sigma_max: float | None = None,
-                  size: int = 8, sampler=None, batch_size: int = 250, device="cpu") -> Tensor:
+                  size: int = 8, sampler=None, batch_size: int = 250, device="cpu",
+                  noise: Tensor | None = None) -> Tensor:
     """Class-conditional digits ``[B, 1, size, size]`` from a zoo denoiser with Heun's sampler (Karras et al. 2022)
     on a Karras sigma grid (``rho = 7``) spanning the model's training sigmas. ``guidance != 1`` applies
     classifier-free guidance (Ho & Salimans 2022) against the null class. Noise is drawn on the CPU from ``generator``
-    and moved to ``device``; the result is returned on the CPU."""
+    and moved to ``device`` (or given as standard-normal ``noise``); the result is returned on the CPU."""
     from .. import samplers, schedules
     from ..denoisers import cfg
 
@@ -32,7 +33,9 @@ def sample_digits(denoiser, labels: Tensor, *, generator: torch.Generator, n_ste
     smax = sigma_max if sigma_max is not None else getattr(denoiser, "sigma_max", 80.0)
     sigmas = schedules.karras(n_steps, smin, smax, dtype=torch.float32).to(device)
     sampler = sampler or samplers.sample_heun
-    noise = torch.randn(labels.shape[0], 1, size, size, generator=generator).to(device)
+    if noise is None:
+        noise = torch.randn(labels.shape[0], 1, size, size, generator=generator)
+    noise = noise.to(device)
     out = []
     for i in range(0, labels.shape[0], batch_size):
         y = labels[i:i + batch_size]
@@ -41,16 +44,34 @@ def sample_digits(denoiser, labels: Tensor, *, generator: torch.Generator, n_ste
     return torch.cat(out)
 
 
+def sample_digits_sharded(denoiser, labels: Tensor, *, generator: torch.Generator, size: int = 8, **kw) -> Tensor:
+    """:func:`sample_digits` with the samples split across the processes of an ``accelerate launch`` run
+    (accelerate's ``split_between_processes``) and gathered in order. Every process draws the noise of all samples
+    from ``generator`` first, so each sample starts from the same noise as on one process."""
+    from ..train import gather_tensors, process_info, split_between_processes
+
+    if process_info()[1] == 1:
+        return sample_digits(denoiser, labels, generator=generator, size=size, **kw)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    noise = torch.randn(labels.shape[0], 1, size, size, generator=generator)
+    mine = split_between_processes(labels.shape[0])
+    x = (sample_digits(denoiser, labels[mine.start:mine.stop], generator=generator, size=size,
+                       noise=noise[mine.start:mine.stop], **kw) if len(mine) else torch.empty(0, 1, size, size))
+    return gather_tensors(x)
+
+
 def flops_per_call(model, kind: str, size: int = 8) -> int:
     """FLOPs of one forward call on a batch of one (``torch.utils.flop_counter``; 2 FLOPs per multiply-add)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .kinds import kind_of
+
     x = torch.zeros(1, 1, size, size)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        if kind == "classifier":
-            model(x)
-        else:
+        if kind_of(kind).denoiser:
             model(x, timestep=torch.tensor([500]), class_labels=torch.tensor([0]))
+        else:
+            model(x)
     return int(fc.get_total_flops())
 
 
@@ -64,7 +85,7 @@ def measure_digits_model(name: str, *, n_per_class: int = 50, n_steps: int = DEF
     den, _ = load_denoiser(name)
     gen = torch.Generator().manual_seed(seed)
     y = balanced_labels(n_per_class)
-    x = sample_digits(den, y, generator=gen, n_steps=n_steps, guidance=guidance)
+    x = sample_digits_sharded(den, y, generator=gen, n_steps=n_steps, guidance=guidance)
     n = y.numel()
     return {"class_accuracy": round(metrics.class_accuracy(x, y, classifier=clf), 4),
             "digits_fd": round(metrics.digits_fd(x, classifier=clf), 4),
@@ -101,7 +122,9 @@ def cpu_seconds_per_step(recipe, *, steps: int = 10) -> dict:
     try:
         with tempfile.TemporaryDirectory() as d:
             d = pathlib.Path(d)
-            if recipe.kind == "sd":
+            from .kinds import kind_of
+
+            if not kind_of(recipe.kind).single_network:
                 from .latent import train_pipeline
 
                 out = {}

@@ -16,9 +16,9 @@ Prompts name the digit, e.g. "a handwritten seven", "the number 7" (:data:`TEMPL
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
-import time
 
 import torch
 import torch.nn.functional as F
@@ -107,99 +107,86 @@ def _prompt_ids(tok) -> tuple[torch.Tensor, torch.Tensor]:
 def train_pipeline(recipe: Recipe, folder: pathlib.Path, *, device: str = "cpu", resume: bool = True,
                    progress: bool = True, stop_after: int | None = None, state_dir: pathlib.Path | None = None):
     """Train ``sd_tiny`` (VAE for ``extra['vae_steps']`` steps, then UNet + text encoder for ``train.steps``), then
-    save it as a ``StableDiffusionPipeline`` to ``folder``. Resumable like :func:`dmlab.zoo.train.train`."""
-    from tqdm.auto import tqdm
+    save it as a ``StableDiffusionPipeline`` to ``folder``. Two :func:`dmlab.train.fit` phases sharing one
+    generator, each resumable like :func:`dmlab.zoo.train.train` (``stop_after`` counts the steps of both)."""
+    import shutil
 
     from ..data import load_digits
-    from .train import _load_state, _lr_at, _save_state, run_dir
+    from ..train import fit, process_info
+    from .train import fit_config, run_dir
 
     tc, ex = recipe.train, recipe.extra
-    tok_dir = (state_dir or run_dir(recipe)) / "tokenizer"
-    tok = write_tokenizer(tok_dir)
-    parts = build_parts(recipe, len(tok), tok).to(device).train()
-    x_all, y_all = load_digits("train", size=recipe.size)
-    x_all, y_all = x_all.to(device), y_all.to(device)
-    ids_all, ids_empty = (t.to(device) for t in _prompt_ids(tok))
-    opts = {"opt_vae": torch.optim.AdamW(parts["vae"].parameters(), lr=ex["vae_lr"]),
-            "opt_unet": torch.optim.AdamW(list(parts["unet"].parameters()) + list(parts["text_encoder"].parameters()),
-                                          lr=tc.lr, weight_decay=tc.weight_decay)}
-    ema = {k: v.detach().clone() for k, v in parts.state_dict().items()}
-    gen = torch.Generator().manual_seed(tc.seed)
     state_dir = state_dir or run_dir(recipe)
-    meta = _load_state(state_dir, parts, ema, opts, gen, device) if resume else None
-    step, elapsed, curve = (meta["step"], meta["train_seconds"], meta["curve"]) if meta else (0, 0.0, [])
-    n_vae, total = ex["vae_steps"], ex["vae_steps"] + tc.steps
-    end = total if stop_after is None else min(total, stop_after)
-    ac = None
-    scale = meta.get("scaling_factor") if meta else None
-    window, t0 = [], time.perf_counter()
-    bar = tqdm(total=total, initial=step, desc=recipe.name, disable=not progress, mininterval=2.0)
-    while step < end:
-        idx = torch.randint(0, x_all.shape[0], (tc.batch_size,), generator=gen).to(device)
-        x0, y = x_all[idx], y_all[idx]
-        if step < n_vae:  # ---- phase 1: the autoencoder
-            for g in opts["opt_vae"].param_groups:
-                g["lr"] = ex["vae_lr"] * min(1.0, (step + 1) / 50)
-            post = parts["vae"].encode(x0).latent_dist
-            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
-            rec = parts["vae"].decode(z).sample
-            loss = F.mse_loss(rec, x0) + ex["kl_weight"] * post.kl().mean() / x0[0].numel()
-            opt = opts["opt_vae"]
-        else:  # ---- phase 2: UNet + text encoder on scaled latents
-            if scale is None or ac is None:
-                ac, scale = _phase2_setup(parts, x_all, scale)
-                if step == n_vae:  # the EMA of the denoiser starts from the weights at the phase switch
-                    ema = {k: v.detach().clone() for k, v in parts.state_dict().items()}
-            for g in opts["opt_unet"].param_groups:
-                g["lr"] = _lr_at(step - n_vae, recipe)
-            with torch.no_grad():
-                post = parts["vae"].encode(x0).latent_dist
-                z0 = scale * (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device))
-            B = z0.shape[0]
-            t = torch.randint(0, 1000, (B,), generator=gen)
-            tmpl = torch.randint(0, len(TEMPLATES), (B,), generator=gen).to(device)
-            drop = (torch.rand(B, generator=gen) < tc.p_uncond).to(device)
-            eps = torch.randn(z0.shape, generator=gen).to(device)
-            ids = torch.where(drop[:, None], ids_empty[None], ids_all[y, tmpl])
-            a = ac[t].view(-1, 1, 1, 1).to(device)
-            z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
-            hidden = parts["text_encoder"](ids)[0]
-            loss = F.mse_loss(parts["unet"](z_t, t.to(device), encoder_hidden_states=hidden).sample, eps)
-            opt = opts["opt_unet"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step >= n_vae:
-            with torch.no_grad():
-                decay = min(tc.ema, (1 + step - n_vae) / (10 + step - n_vae))
-                for k, v in parts.state_dict().items():
-                    if k.startswith("vae."):
-                        ema[k].copy_(v)
-                    elif v.dtype.is_floating_point:
-                        ema[k].lerp_(v, 1 - decay)
-                    else:
-                        ema[k].copy_(v)
-        step += 1
-        window.append(loss.item())
-        if step % 50 == 0 or step == n_vae or step == total:
-            curve.append([step, sum(window) / len(window)])
-            bar.set_postfix(loss=f"{curve[-1][1]:.4f}")
-            window = []
-        bar.update(1)
-        if step % tc.checkpoint_every == 0 or step == end or step == n_vae:
-            _save_state(state_dir, parts, ema, opts, gen,
-                        {"step": step, "train_seconds": elapsed + time.perf_counter() - t0, "curve": curve,
-                         "config_hash": recipe.config_hash, "recipe": recipe.name, "scaling_factor": scale})
-    bar.close()
-    elapsed += time.perf_counter() - t0
-    if step < total:
+    if state_dir is None:  # no place for run state: the tokenizer goes next to the output
+        state_dir = pathlib.Path(folder).with_name(pathlib.Path(folder).name + ".run")
+    if not resume and process_info()[0] == 0:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    tok_dir = state_dir / "tokenizer"
+    tok = write_tokenizer(tok_dir)
+    parts = build_parts(recipe, len(tok), tok).to(device)
+    x_all, y_all = load_digits("train", size=recipe.size)
+    ids_all, ids_empty = _prompt_ids(tok)
+    gen = torch.Generator().manual_seed(tc.seed)
+    n_vae = ex["vae_steps"]
+    vm = recipe.model["vae"]
+    zshape = (vm["latent_channels"], recipe.size // 2 ** (len(vm["block_out_channels"]) - 1))
+
+    def vae_batch(g):
+        idx = torch.randint(0, x_all.shape[0], (tc.batch_size,), generator=g)
+        return {"x0": x_all[idx], "noise": torch.randn(tc.batch_size, zshape[0], zshape[1], zshape[1], generator=g)}
+
+    def vae_loss(b):  # ---- phase 1: the autoencoder (MSE + small KL)
+        x0 = b["x0"].to(device)
+        post = parts["vae"].encode(x0).latent_dist
+        rec = parts["vae"].decode(post.mean + post.std * b["noise"].to(device)).sample
+        return F.mse_loss(rec, x0) + ex["kl_weight"] * post.kl().mean() / x0[0].numel()
+
+    cfg1 = dataclasses.replace(fit_config(recipe, progress=progress, steps=n_vae, lr=ex["vae_lr"], ema=False),
+                               optimizer="adamw", weight_decay=0.0, schedule="constant", warmup=50,
+                               desc=f"{recipe.name} vae")
+    r1 = fit(vae_loss, parts["vae"], cfg1, generator=gen, data=vae_batch, run=state_dir / "vae",
+             run_key=recipe.config_hash, stop_after=stop_after)
+    curve, seconds = list(r1.curve), r1.seconds
+    if not r1.complete:
         return None  # interrupted on purpose (stop_after): the state is saved, nothing to assemble yet
-    if scale is None:
-        _, scale = _phase2_setup(parts, x_all, None)
-    parts.load_state_dict(ema)
-    log = {"config_hash": recipe.config_hash, "steps": step, "complete": True, "train_seconds": round(elapsed, 1),
-           "device": str(device), "torch_threads": torch.get_num_threads(), "vae_steps": n_vae,
-           "scaling_factor": scale, "curve": [[s, round(v, 6)] for s, v in curve]}
+    ac, scale = _phase2_setup(parts, x_all.to(device), None)
+    parts["vae"].requires_grad_(False)
+    denoiser = nn.ModuleDict({"unet": parts["unet"], "text_encoder": parts["text_encoder"]})
+
+    def unet_batch(g):
+        idx = torch.randint(0, x_all.shape[0], (tc.batch_size,), generator=g)
+        B = tc.batch_size
+        lat = torch.randn(B, zshape[0], zshape[1], zshape[1], generator=g)
+        t = torch.randint(0, 1000, (B,), generator=g)
+        tmpl = torch.randint(0, len(TEMPLATES), (B,), generator=g)
+        drop = torch.rand(B, generator=g) < tc.p_uncond
+        eps = torch.randn(B, zshape[0], zshape[1], zshape[1], generator=g)
+        ids = torch.where(drop[:, None], ids_empty[None], ids_all[y_all[idx], tmpl])
+        return {"x0": x_all[idx], "lat": lat, "t": t, "ids": ids, "eps": eps}
+
+    def unet_loss(b):  # ---- phase 2: UNet + text encoder on scaled latents
+        with torch.no_grad():
+            post = parts["vae"].encode(b["x0"].to(device)).latent_dist
+            z0 = scale * (post.mean + post.std * b["lat"].to(device))
+        a = ac[b["t"]].view(-1, 1, 1, 1).to(device)
+        eps = b["eps"].to(device)
+        z_t = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        hidden = parts["text_encoder"](b["ids"].to(device))[0]
+        return F.mse_loss(parts["unet"](z_t, b["t"].to(device), encoder_hidden_states=hidden).sample, eps)
+
+    r2 = fit(unet_loss, denoiser, fit_config(recipe, progress=progress), generator=gen, data=unet_batch,
+             run=state_dir / "unet", run_key=recipe.config_hash,
+             stop_after=None if stop_after is None else stop_after - n_vae)
+    curve += [[s + n_vae, v] for s, v in r2.curve]
+    seconds += r2.seconds
+    if not r2.complete:
+        return None
+    log = {"config_hash": recipe.config_hash, "steps": n_vae + r2.steps, "complete": True,
+           "train_seconds": round(seconds, 1), "device": str(device), "torch_threads": torch.get_num_threads(),
+           "processes": process_info()[1], "vae_steps": n_vae, "scaling_factor": scale,
+           "curve": [[s, round(v, 6)] for s, v in curve]}
+    if process_info()[0] != 0:
+        return folder
     return save_pipeline(parts, tok_dir, scale, log, folder)
 
 

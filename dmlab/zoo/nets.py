@@ -45,34 +45,28 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
+NETWORKS = {"classifier": "DigitClassifier", "unet": "UNet2DModel", "dit": "DiTTransformer2DModel"}
+
+
+def model_class(kind: str):
+    """The class of the single network of ``kind`` (``DigitClassifier`` or a diffusers model class)."""
+    if kind not in NETWORKS:
+        raise ValueError(f"zoo kind {kind!r} has no single network class; known: {', '.join(NETWORKS)}")
+    if NETWORKS[kind] == DigitClassifier.__name__:
+        return DigitClassifier
+    import diffusers
+
+    return getattr(diffusers, NETWORKS[kind])
+
+
 def build_model(recipe: Recipe, seed: int | None = None) -> nn.Module:
     """The (randomly initialised) network of a recipe: ``DigitClassifier``, ``UNet2DModel`` or
     ``DiTTransformer2DModel``. Initialisation uses ``torch.manual_seed(seed)`` inside a forked RNG state."""
     seed = recipe.train.seed if seed is None else seed
+    if recipe.kind not in NETWORKS:
+        raise ValueError(f"recipe {recipe.name!r} of kind {recipe.kind!r} has no single network; "
+                         f"train it with `python -m dmlab.zoo train {recipe.name}`")
+    cls = model_class(recipe.kind)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if recipe.kind == "classifier":
-            return DigitClassifier(**recipe.model)
-        if recipe.kind == "unet":
-            from diffusers import UNet2DModel
-
-            return UNet2DModel(**recipe.model)
-        if recipe.kind == "dit":
-            from diffusers import DiTTransformer2DModel
-
-            return DiTTransformer2DModel(**recipe.model)
-    raise ValueError(f"recipe {recipe.name!r} of kind {recipe.kind!r} has no single network; "
-                     f"use dmlab.zoo.latent for kind 'sd'")
-
-
-def model_class(kind: str):
-    """The class that loads a saved model of ``kind``."""
-    if kind == "unet":
-        from diffusers import UNet2DModel
-
-        return UNet2DModel
-    if kind == "dit":
-        from diffusers import DiTTransformer2DModel
-
-        return DiTTransformer2DModel
-    raise ValueError(f"no diffusers class for kind {kind!r}")
+        return cls(**recipe.model)

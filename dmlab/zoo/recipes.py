@@ -53,7 +53,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    """One zoo model: ``kind`` (``classifier``, ``unet``, ``dit`` or ``sd``), its network config and training."""
+    """One zoo entry: ``kind`` (a key of :data:`dmlab.zoo.kinds.KINDS`: ``classifier``, ``unet``, ``dit``, ``sd``,
+    ``exit_heads``, ``linear_attention``), its network config and training."""
 
     name: str
     kind: str
@@ -130,6 +131,16 @@ RECIPES["sd_tiny"] = Recipe(
      "text_encoder": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}},
     TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup=100),
     size=16, extra={"vae_steps": 500, "vae_lr": 1e-3, "kl_weight": 1e-3})
+
+
+# Adapters: trained on a frozen zoo model named by extra["base"] (their network is derived from the base).
+RECIPES["dit_l_exit"] = Recipe(
+    "dit_l_exit", "exit_heads", "DeeDiff exit heads and UEMs for dit_l (paper 53)", {},
+    TrainConfig(steps=600, batch_size=128, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.1), extra={"base": "dit_l"})
+RECIPES["dit_l_linear"] = Recipe(
+    "dit_l_linear", "linear_attention", "LinFusion linear attention distilled into dit_l (paper 2)", {},
+    TrainConfig(steps=500, batch_size=64, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.1),
+    extra={"base": "dit_l", "mid_dim": None, "w_eps": 1.0, "w_kd": 0.5, "w_feat": 0.5})
 
 
 def get_recipe(name: str) -> Recipe:

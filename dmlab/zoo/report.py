@@ -65,9 +65,9 @@ def final_losses(names) -> dict:
 
 def training_curve(name: str) -> list:
     """``[[step, mean loss over 50 steps], ...]`` of a zoo model, read from its (verified) ``train_log.json``."""
-    from . import _entry, fetch
+    from .registry import fetch, get_entry
 
-    folder = fetch(name, _entry(name))
+    folder = fetch(name, get_entry(name))
     return json.loads((folder / "train_log.json").read_text())["curve"]
 
 

@@ -35,7 +35,8 @@ def checkout_zoo_dir() -> pathlib.Path | None:
 
 
 def cache_dir() -> pathlib.Path:
-    """Where downloaded zoo files and resumable training runs go: ``$DMLAB_CACHE`` or ``~/.cache/dmlab``."""
+    """Where downloaded zoo files go: ``$DMLAB_CACHE`` or ``~/.cache/dmlab`` (resumable training runs never go to
+    the home cache: :func:`dmlab.train.runs_root`)."""
     return pathlib.Path(os.environ.get("DMLAB_CACHE") or pathlib.Path.home() / ".cache" / "dmlab")
 
 
@@ -103,6 +104,13 @@ def write_registry(reg: dict, root: pathlib.Path | None = None) -> pathlib.Path:
     path = root / REGISTRY_NAME
     path.write_text(json.dumps({k: reg[k] for k in sorted(reg)}, indent=1, sort_keys=False) + "\n")
     return path
+
+
+def base_fingerprint(entry: dict) -> str:
+    """A hash of the sha256 of the weight files of a registry entry: changes whenever that model is retrained (an
+    adapter records its base model's fingerprint)."""
+    shas = sorted(meta["sha256"] for rel, meta in entry.get("files", {}).items() if rel.endswith(".safetensors"))
+    return hashlib.sha256("".join(shas).encode()).hexdigest()[:16]
 
 
 def file_table(folder: pathlib.Path) -> dict:

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -107,7 +106,7 @@ def train_toy(denoiser, data: Tensor, *, steps: int = 2000, batch: int = 256, lr
 
     Each step draws a minibatch of ``data`` ``[N, dim]``, ``log sigma ~ N(p_mean, p_std^2)`` and
     ``x = x0 + sigma * eps``, and minimises ``lambda(sigma) |D(x, sigma) - x0|^2`` with
-    ``lambda = (sigma^2 + sd^2) / (sigma sd)^2``. Adam with a cosine learning-rate decay.
+    ``lambda = (sigma^2 + sd^2) / (sigma sd)^2``. Adam with a cosine learning-rate decay (:func:`dmlab.train.fit`).
     ``regulariser(denoiser, x0, x, sigma, generator) -> scalar`` is added to the loss when given (the hook for the
     Fokker-Planck regulariser of paper 15). Every random draw uses ``generator``. Returns the loss per step.
     """
@@ -124,29 +123,26 @@ def train_toy(denoiser, data: Tensor, *, steps: int = 2000, batch: int = 256, lr
         raise ValueError("steps and batch must be positive ints")
     if regulariser is not None and not callable(regulariser):
         raise TypeError("regulariser must be callable as regulariser(denoiser, x0, x, sigma, generator) -> scalar")
+    from ..train import FitConfig, fit
+
     p = next(net.parameters())
     data = data.to(p.dtype)
     sd = denoiser.sigma_data
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    losses = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, mininterval=1.0)
-    net.train()
-    for _ in bar:
-        idx = torch.randint(len(data), (batch,), generator=generator)
+
+    def draw(g):
+        idx = torch.randint(len(data), (batch,), generator=g)
         x0 = data[idx]
-        sigma = (p_mean + p_std * torch.randn(batch, generator=generator, dtype=p.dtype)).exp()
-        x = x0 + sigma[:, None] * torch.randn(x0.shape, generator=generator, dtype=p.dtype)
+        sigma = (p_mean + p_std * torch.randn(batch, generator=g, dtype=p.dtype)).exp()
+        return x0, sigma, x0 + sigma[:, None] * torch.randn(x0.shape, generator=g, dtype=p.dtype)
+
+    def loss(b):
+        x0, sigma, x = b
         weight = (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2
-        loss = (weight * ((denoiser(x, sigma) - x0) ** 2).sum(1)).mean() / x0.shape[1]
+        value = (weight * ((denoiser(x, sigma) - x0) ** 2).sum(1)).mean() / x0.shape[1]
         if regulariser is not None:
-            loss = loss + regulariser(denoiser, x0, x, sigma, generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if len(losses) % 100 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-100:]) / 100:.4f}")
-    net.eval()
-    return losses
+            value = value + regulariser(denoiser, x0, x, sigma, generator)
+        return value
+
+    cfg = FitConfig(steps=steps, lr=lr, optimizer="adam", schedule="cosine", log_every=100, progress=progress,
+                    desc=desc)
+    return fit(loss, net, cfg, generator=generator, data=draw).losses

@@ -14,7 +14,11 @@ def test_every_recipe_is_registered_with_its_cost_and_metrics():
     assert sorted(reg) == sorted(zoo.RECIPES)
     for name, e in reg.items():
         assert e["config_hash"] == zoo.get_recipe(name).config_hash, f"{name}: retrain, the recipe changed"
-        assert e["params"] > 0 and e["flops_per_call"] > 0 and e["train_seconds"] > 0 and e["metrics"]
+        assert e["params"] > 0 and e["train_seconds"] > 0 and e["metrics"]
+        if e["kind"] in zoo.ADAPTER_KINDS:  # an adapter names its base and the base's weights it was trained on
+            assert e["base"] in reg and e["base_weights"] == store.base_fingerprint(reg[e["base"]])
+        else:
+            assert e["flops_per_call"] > 0
         assert all(f.endswith((".json", ".safetensors", ".txt")) for f in e["files"]), "weights must be safetensors"
     total = sum(m["bytes"] for e in reg.values() for m in e["files"].values())
     assert total < 40e6
@@ -32,6 +36,29 @@ def test_registry_records_the_quality_bars():
         assert s["metrics"]["class_accuracy"] < big["metrics"]["class_accuracy"]
     assert reg["sd_tiny"]["metrics"]["prompt_accuracy"] >= 0.80
     assert reg["classifier"]["metrics"]["test_accuracy"] >= 0.97
+
+
+def test_adapters_are_zoo_entries_loaded_through_one_table():
+    """Exit heads and linear attention load with zoo.load like the models; the accelerators' loaders agree; every
+    kind has one record (build/load/train/evaluate) and the adapter recipes spell the accelerators' settings."""
+    from dmlab.accelerators.early_exit import EXIT_RECIPE, ExitHeads, load_exit_heads
+    from dmlab.accelerators.linear_attention import LINEAR_RECIPE, load_linear_attention
+    from dmlab.zoo.kinds import adapter_recipe_dict
+
+    heads = zoo.load("dit_l_exit")
+    assert isinstance(heads, ExitHeads) and sum(p.numel() for p in heads.parameters()) == zoo.info("dit_l_exit")["params"]
+    again = load_exit_heads("dit_l_exit")
+    assert all(torch.equal(a, b) for a, b in zip(heads.state_dict().values(), again.state_dict().values()))
+    lin = zoo.load("dit_l_linear")
+    ref = load_linear_attention("dit_l_linear", zoo.load("dit_l"))
+    assert lin.names == ref.names
+    assert adapter_recipe_dict(zoo.get_recipe("dit_l_exit")) == EXIT_RECIPE
+    assert adapter_recipe_dict(zoo.get_recipe("dit_l_linear")) == LINEAR_RECIPE
+    assert {r.kind for r in zoo.RECIPES.values()} <= set(zoo.KINDS)
+    with pytest.raises(ValueError, match="not a diffusion model"):
+        zoo.load_denoiser("dit_l_exit")
+    with pytest.raises(ValueError, match="unknown zoo kind"):
+        zoo.kinds.kind_of("lora9")
 
 
 @pytest.mark.parametrize("name", ["classifier", "unet_s", "dit_s"])

@@ -1,0 +1,213 @@
+"""One table per kind of zoo entry: how to build, load, train and evaluate it.
+
+Every zoo entry has a ``kind``; each kind is one :class:`Kind` record in :data:`KINDS` (instead of ``if kind == ...``
+branches spread over the zoo's files):
+
+* ``classifier`` - the digit classifier (the digits-FD feature network);
+* ``unet``, ``dit`` - class-conditional diffusers models on 8x8 digits;
+* ``sd`` - the text-to-image ``StableDiffusionPipeline`` (``sd_tiny``);
+* ``exit_heads`` - DeeDiff exit heads and uncertainty modules for a zoo DiT (paper 53);
+* ``linear_attention`` - LinFusion linear-attention modules distilled into a zoo DiT (paper 2).
+
+Adapters (the last two) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
+fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["Kind", "KINDS", "kind_of", "ADAPTER_KINDS"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What the zoo does with entries of one kind.
+
+    ``load(folder, entry, root)`` returns the object ``zoo.load`` gives; ``train(recipe, folder, device, resume,
+    progress)`` trains the recipe and saves it to ``folder``; ``cost(obj, recipe)`` gives ``params`` and
+    ``flops_per_call``; ``evaluate(name, root)`` measures the registry's metrics; ``denoiser`` marks diffusion
+    models (``zoo.load_denoiser``); ``single_network`` marks kinds trained by :func:`dmlab.zoo.train.train`."""
+
+    name: str
+    load: Callable[[pathlib.Path, dict, Any], Any]
+    train: Callable[..., pathlib.Path]
+    cost: Callable[[Any, Any], dict]
+    evaluate: Callable[[str, Any], dict]
+    denoiser: bool = False
+    single_network: bool = False
+    adapter: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- loaders
+def _load_classifier(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from .nets import DigitClassifier
+
+    model = DigitClassifier(**json.loads((folder / "config.json").read_text()))
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model.eval()
+
+
+def _load_diffusers(cls_name):
+    def load(folder, entry, root):
+        import diffusers
+
+        return getattr(diffusers, cls_name).from_pretrained(folder, local_files_only=True).eval()
+    return load
+
+
+def _load_sd(folder, entry, root):
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    from diffusers import StableDiffusionPipeline
+
+    bars = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()  # no "Loading pipeline components" widgets in the chapters
+    tlog.disable_progress_bar()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    finally:
+        if bars[0]:
+            dlog.enable_progress_bar()
+        if bars[1]:
+            tlog.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_exit_heads(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..accelerators.early_exit import ExitHeads
+
+    heads = ExitHeads(**json.loads((folder / "config.json").read_text()))
+    heads.load_state_dict(load_file(str(folder / "model.safetensors")))
+    heads.info = entry
+    return heads.eval()
+
+
+def _load_linear(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..accelerators.linear_attention import linear_attention_for
+    from .registry import load
+
+    config = json.loads((folder / "config.json").read_text())
+    mods = linear_attention_for(load(entry["base"], root=root), mid_dim=config.get("mid_dim"))
+    mods.load_state_dict(load_file(str(folder / "model.safetensors")))
+    mods.info = entry
+    return mods.eval()
+
+
+# ----------------------------------------------------------------------------------------------- training
+def _train_single(recipe, folder, device="cpu", resume=True, progress=True):
+    from .train import save_model, train
+
+    model, log = train(recipe, device=device, resume=resume, progress=progress)
+    return save_model(recipe, model, log, folder)
+
+
+def _train_sd(recipe, folder, device="cpu", resume=True, progress=True):
+    from .latent import train_pipeline
+
+    return train_pipeline(recipe, folder, device=device, resume=resume, progress=progress)
+
+
+def _train_adapter(builder: str):
+    def train(recipe, folder, device="cpu", resume=True, progress=True):
+        from safetensors.torch import save_file
+
+        from ..accelerators import early_exit, linear_attention
+
+        fn = {"exit_heads": early_exit.build_exit_heads, "linear_attention": linear_attention.build_linear_attention}
+        module = fn[builder](None, adapter_recipe_dict(recipe), device=device)
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():
+            if old.is_file():
+                old.unlink()
+        module = module.cpu().eval()
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
+                  str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(module.config(), indent=1, sort_keys=True) + "\n")
+        log = dict(module.train_log, config_hash=recipe.config_hash)
+        (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+        return folder
+    return train
+
+
+def adapter_recipe_dict(recipe) -> dict:
+    """The flat settings dict the accelerator builders take (``EXIT_RECIPE``-style) from an adapter ``Recipe``."""
+    tc = recipe.train
+    return dict(recipe.extra, steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr, p_uncond=tc.p_uncond, seed=tc.seed,
+                data="load_digits('train')")
+
+
+# ----------------------------------------------------------------------------------------------- cost, metrics
+def _cost_network(obj, recipe) -> dict:
+    from .evaluate import flops_per_call
+
+    return {"params": sum(p.numel() for p in obj.parameters()),
+            "flops_per_call": flops_per_call(obj, recipe.kind, recipe.size)}
+
+
+def _cost_sd(obj, recipe) -> dict:
+    from .latent import pipeline_cost
+
+    return pipeline_cost(obj)
+
+
+def _cost_adapter(obj, recipe) -> dict:
+    return {"params": sum(p.numel() for p in obj.parameters())}
+
+
+def _eval_classifier(name, root):
+    from .evaluate import measure_classifier
+
+    return measure_classifier()
+
+
+def _eval_digits(name, root):
+    from .evaluate import measure_digits_model
+
+    return measure_digits_model(name)
+
+
+def _eval_sd(name, root):
+    from .latent import measure_pipeline
+    from .registry import load
+
+    return measure_pipeline(load(name, root=root))
+
+
+def _eval_adapter(name, root):
+    """The adapter's final training loss, read from its (verified) training log."""
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    return {"final_train_loss": round(float(log["loss"][-1][1]), 6), "train_steps": log["steps"]}
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in [
+    Kind("classifier", _load_classifier, _train_single, _cost_network, _eval_classifier, single_network=True),
+    Kind("unet", _load_diffusers("UNet2DModel"), _train_single, _cost_network, _eval_digits, denoiser=True,
+         single_network=True),
+    Kind("dit", _load_diffusers("DiTTransformer2DModel"), _train_single, _cost_network, _eval_digits, denoiser=True,
+         single_network=True),
+    Kind("sd", _load_sd, _train_sd, _cost_sd, _eval_sd, denoiser=True),
+    Kind("exit_heads", _load_exit_heads, _train_adapter("exit_heads"), _cost_adapter, _eval_adapter, adapter=True),
+    Kind("linear_attention", _load_linear, _train_adapter("linear_attention"), _cost_adapter, _eval_adapter,
+         adapter=True),
+]}
+ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
+
+
+def kind_of(kind: str) -> Kind:
+    """The :class:`Kind` record of ``kind``; ``ValueError`` naming the known kinds otherwise."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown zoo kind {kind!r}; known: {', '.join(KINDS)}")
+    return KINDS[kind]
