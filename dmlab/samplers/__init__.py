@@ -17,7 +17,8 @@ from .v3 import sample_dpm_solver_v3
 from .search import sample_spec
 
 from .registry import REGISTRY, SamplerInfo, deterministic
+from .convergence import fit_order
 
 # every sampler function in the registry, and the registry itself (one list: dmlab.samplers.registry)
 __all__ = list(dict.fromkeys(r.fn.__name__ for r in REGISTRY.values())) + [
-    "REGISTRY", "SamplerInfo", "deterministic"]
+    "REGISTRY", "SamplerInfo", "deterministic", "fit_order"]

@@ -53,3 +53,11 @@ def work_dtype(x: Tensor) -> torch.dtype:
 def per_step_sigmas(sigmas: Tensor, batch: int) -> tuple:
     """The ``[B]`` sigma tensor of each step, made once (a view per step: no per-step allocation)."""
     return sigmas[:, None].expand(len(sigmas), batch).unbind(0)
+
+
+def model_in(denoiser: Callable, cond: dict, dtype: torch.dtype, work: torch.dtype) -> Callable:
+    """``model(x, sigma) = D(x, sigma, **cond)`` called in the model's ``dtype`` (x's), returning the ``work`` dtype
+    of the update; no wrapper at all when both agree and there is no ``cond`` (no per-step cost)."""
+    if dtype == work:
+        return (lambda x, s: denoiser(x, s, **cond)) if cond else denoiser
+    return lambda x, s: denoiser(x.to(dtype), s.to(dtype), **cond).to(work)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import per_step_sigmas, prepare, report, work_dtype
+from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
 from ._plan import Plan, Update
 from .exponential import check_choice, check_lof, check_order, multistep_orders, need_steps
 
@@ -109,13 +109,14 @@ def sample_deis(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
         raise TypeError("time must be callable: time(sigma as a float64 numpy array) -> t, increasing in sigma")
     sig, cond, s = prepare(denoiser, x, sigmas, cond, generator, floats=True)
     batch, xw = per_step_sigmas(sig, x.shape[0]), x.to(work_dtype(x))
+    model = model_in(denoiser, cond, x.dtype, xw.dtype)  # D(x, sigma) in the update's dtype
     n = len(s) - 1
     need_steps(n, order, "DEIS")
     v = _variable(variant, time)
     orders = multistep_orders(n, order, check_lof(lower_order_final))
     eps = []  # eps_i, eps_{i-1}, ... newest first
     for i in range(n):
-        denoised = denoiser(xw.to(x.dtype), batch[i], **cond).to(xw.dtype)
+        denoised = model(xw, batch[i])
         report(callback, i, xw, sig[i], sig[i + 1], denoised)
         if s[i + 1] == 0:  # final step: x_0 = D(x, sigma_last)
             xw = denoised

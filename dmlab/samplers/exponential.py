@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import per_step_sigmas, prepare, report, work_dtype
+from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
 from ._plan import Plan, Update
 
 __all__ = ["sample_ddim", "sample_dpm_solver", "sample_dpm_solver_multistep", "sample_dpmpp_2m", "sample_dpmpp_3m",
@@ -243,10 +243,11 @@ def plan_dpm_solver(sigmas: list, *, order: int = 3, prediction: str = "noise", 
 # the same numbers (tests/samplers/test_registry.py checks loop == plan to 1e-12 in float64) and back the diffusers
 # adapter and the solver search. Every update is computed in float32 (float64 for float64 input); x's dtype is kept.
 def _loop_setup(denoiser, x, sigmas, cond, generator):
-    """Shared start of the loops: checked schedule (tensor and floats), cond, per-step ``[B]`` sigmas for the model
-    (in x's dtype), the work dtype and ``x`` in it."""
+    """Shared start of the loops: checked schedule (tensor and floats), the model ``D(x, sigma)`` in the update's
+    dtype (cond bound), per-step ``[B]`` sigmas (in x's dtype) and ``x`` in the update's dtype."""
     sig, cond, s = prepare(denoiser, x, sigmas, cond, generator, floats=True)
-    return sig, cond, s, per_step_sigmas(sig, x.shape[0]), x.to(work_dtype(x))
+    xw = x.to(work_dtype(x))
+    return sig, model_in(denoiser, cond, x.dtype, xw.dtype), s, per_step_sigmas(sig, x.shape[0]), xw
 
 
 @torch.no_grad()
@@ -264,12 +265,11 @@ def sample_ddim(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
         from .sde import sample_ddpm
 
         return sample_ddpm(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=float(eta))
-    sig, cond, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
+    sig, model, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
     for i in range(len(s) - 1):
-        denoised = denoiser(xw.to(x.dtype), batch[i], **cond).to(xw.dtype)  # x0_hat = D(x_i, sigma_i)
+        denoised = model(xw, batch[i])  # x0_hat = D(x_i, sigma_i)
         report(callback, i, xw, sig[i], sig[i + 1], denoised)
-        ratio = s[i + 1] / s[i]
-        xw = ratio * xw + (1 - ratio) * denoised  # x_next = D + sigma_next * (x - D) / sigma
+        xw = torch.lerp(denoised, xw, s[i + 1] / s[i])  # x_next = D + sigma_next * (x - D) / sigma
     return xw.to(x.dtype)
 
 
@@ -291,7 +291,7 @@ def sample_dpm_solver_multistep(denoiser: Callable, x: Tensor, sigmas: Tensor, *
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     check_choice("variant", variant, VARIANTS_3M)
-    sig, cond, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
+    sig, model, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
     n = len(s) - 1
     need_steps(n, order, "multistep DPM-Solver")
     orders = multistep_orders(n, order, check_lof(lower_order_final))
@@ -299,7 +299,7 @@ def sample_dpm_solver_multistep(denoiser: Callable, x: Tensor, sigmas: Tensor, *
     w2_scale = 2.0 if variant == "taylor" else 1.0
     M = []  # the last three model outputs (D or eps), newest last
     for i in range(n):
-        denoised = denoiser(xw.to(x.dtype), batch[i], **cond).to(xw.dtype)
+        denoised = model(xw, batch[i])
         report(callback, i, xw, sig[i], sig[i + 1], denoised)
         M = (M + [denoised if prediction == "data" else (xw - denoised) / s[i]])[-3:]
         if s[i + 1] == 0:  # final step: x_0 = D(x, sigma_last), never evaluating the model at 0
@@ -340,10 +340,10 @@ def sample_dpmpp_2m(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict
         return sample_dpm_solver_multistep(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
                                            order=2, solver_type=solver_type, lower_order_final=lower_order_final)
     with torch.no_grad():
-        sig, cond, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
+        sig, model, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
         n, old = len(s) - 1, None
         for i in range(n):
-            denoised = denoiser(xw.to(x.dtype), batch[i], **cond).to(xw.dtype)  # D_i = D(x_i, sigma_i)
+            denoised = model(xw, batch[i])  # D_i = D(x_i, sigma_i)
             report(callback, i, xw, sig[i], sig[i + 1], denoised)
             if s[i + 1] == 0:  # last step: x_0 = D_i
                 xw = denoised
@@ -399,12 +399,12 @@ def sample_dpm_solver(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: di
     order = check_order(order)
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
-    sig, cond, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
+    sig, model, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
     n = len(s) - 1
     need_steps(n, order, "singlestep DPM-Solver")
     lam = lams(s)
     for i, p in enumerate(singlestep_orders(n, order)):
-        denoised = denoiser(xw.to(x.dtype), batch[i], **cond).to(xw.dtype)
+        denoised = model(xw, batch[i])
         report(callback, i, xw, sig[i], sig[i + 1], denoised)
         if s[i + 1] == 0:  # final step: x_0 = D(x, sigma_last)
             xw = denoised

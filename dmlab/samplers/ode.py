@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import per_step_sigmas, prepare, report, work_dtype
+from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
 
 
 @torch.no_grad()
@@ -24,8 +24,9 @@ def sample_euler(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | 
     """
     sigmas, cond, sig = prepare(denoiser, x, sigmas, cond, generator, floats=True)  # sig: floats for the arithmetic
     batch, xw = per_step_sigmas(sigmas, x.shape[0]), x.to(work_dtype(x))
+    model = model_in(denoiser, cond, x.dtype, xw.dtype)  # D(x, sigma) in the update's dtype
     for i in range(len(sig) - 1):
-        denoised = denoiser(xw.to(x.dtype), batch[i], **cond).to(xw.dtype)
+        denoised = model(xw, batch[i])
         report(callback, i, xw, sigmas[i], sigmas[i + 1], denoised)
         d = (xw - denoised) / sig[i]  # d_i = (x_i - D(x_i; sigma_i)) / sigma_i
         xw = xw + d * (sig[i + 1] - sig[i])  # x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i
@@ -41,15 +42,16 @@ def sample_heun(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
     """
     sigmas, cond, sig = prepare(denoiser, x, sigmas, cond, generator, floats=True)  # sig: floats for the arithmetic
     batch, xw = per_step_sigmas(sigmas, x.shape[0]), x.to(work_dtype(x))
+    model = model_in(denoiser, cond, x.dtype, xw.dtype)  # D(x, sigma) in the update's dtype
     for i in range(len(sig) - 1):
-        denoised = denoiser(xw.to(x.dtype), batch[i], **cond).to(xw.dtype)
+        denoised = model(xw, batch[i])
         report(callback, i, xw, sigmas[i], sigmas[i + 1], denoised)
         d = (xw - denoised) / sig[i]  # line 5: d_i = (x_i - D(x_i; t_i)) / t_i
         dt = sig[i + 1] - sig[i]
         x_next = xw + d * dt  # line 6: Euler step to t_{i+1}
         if sig[i + 1] != 0:  # lines 7-8: apply the 2nd-order correction
-            denoised_next = denoiser(x_next.to(x.dtype), batch[i + 1], **cond).to(xw.dtype)
+            denoised_next = model(x_next, batch[i + 1])
             d_prime = (x_next - denoised_next) / sig[i + 1]
-            x_next = xw + (0.5 * d + 0.5 * d_prime) * dt  # x_{i+1} = x_i + (t_{i+1} - t_i)(d_i / 2 + d'_i / 2)
+            x_next = xw + (d + d_prime) * (0.5 * dt)  # x_{i+1} = x_i + (t_{i+1} - t_i)(d_i / 2 + d'_i / 2)
         xw = x_next
     return xw.to(x.dtype)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import per_step_sigmas, prepare, report, work_dtype
+from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
 from ._plan import Plan, Update
 from .exponential import PREDICTIONS, check_choice, check_lof, check_order, lams, lin, need_steps
 
@@ -139,6 +139,7 @@ def sample_unipc(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | 
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     sig, cond, s = prepare(denoiser, x, sigmas, cond, generator, floats=True)
     batch, xw = per_step_sigmas(sig, x.shape[0]), x.to(work_dtype(x))
+    model = model_in(denoiser, cond, x.dtype, xw.dtype)  # D(x, sigma) in the update's dtype
     n = len(s) - 1
     need_steps(n, order, "UniPC")
     orders = unipc_orders(n, order, check_lof(lower_order_final))
@@ -163,7 +164,7 @@ def sample_unipc(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | 
 
     M, X = {}, {}  # model outputs (D or eps) and states by step index
     for i in range(n):
-        denoised = denoiser(xw.to(x.dtype), batch[i], **cond).to(xw.dtype)  # M_i at the predicted x_i
+        denoised = model(xw, batch[i])  # M_i at the predicted x_i
         m_i = denoised if data else (xw - denoised) / s[i]
         if corrector and i > 0 and (i - 1) not in disable_corrector:  # UniC-q: x_i^c from x_{i-1}^c and M_i
             q = orders[i - 1]

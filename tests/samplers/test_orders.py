@@ -10,7 +10,7 @@ from dmlab.exact import reference_ode
 from dmlab.samplers import deis, exponential, unipc
 from dmlab.samplers._plan import sample_plan
 from dmlab.samplers.registry import REGISTRY, deterministic
-from dmlab.viz import fit_order
+from dmlab.samplers import fit_order
 
 ORDERS = {name: r.order for name, r in deterministic().items()}  # the declared orders, from the registry
 NS = [49, 97, 193, 385]  # = 1 mod 3 and odd: every singlestep group ends on sigma_min
