@@ -252,22 +252,7 @@ def macs(flops: float) -> float:
     return flops / 2
 
 
-def psnr(x: Tensor, ref: Tensor, *, data_range: float = 2.0, reduction: str = "mean") -> Tensor | float:
-    """Peak signal-to-noise ratio of ``x`` against ``ref`` (same shape ``[B, ...]``), in dB, per sample:
-    ``10 log10(data_range^2 / mse)``. ``data_range`` is 2 for images in [-1, 1]. Identical samples give ``inf``.
-    ``reduction``: ``"mean"`` (a float, mean over finite per-sample values; ``inf`` if all are identical) or
-    ``"none"`` (the ``[B]`` tensor)."""
-    if not isinstance(x, Tensor) or not isinstance(ref, Tensor) or x.shape != ref.shape or x.ndim < 1:
-        raise ValueError(f"x and ref must be tensors of the same shape [B, ...], got "
-                         f"{getattr(x, 'shape', None)} and {getattr(ref, 'shape', None)}")
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    mse = (x.detach().double() - ref.detach().double()).pow(2).flatten(1).mean(1)
-    p = 10 * torch.log10(data_range ** 2 / mse)  # inf where mse == 0
-    if reduction == "none":
-        return p
-    finite = p[torch.isfinite(p)]
-    return float(finite.mean()) if finite.numel() else math.inf
+from .metrics import psnr  # noqa: E402  the one PSNR (per-sample mean by default; reduction="none" / "global")
 
 
 def matched_steps(n_steps: int, speedup: float) -> int:

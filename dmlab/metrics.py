@@ -272,11 +272,32 @@ def mse(x: Tensor, ref: Tensor) -> float:
     return float((x.double() - ref.double()).pow(2).mean())
 
 
-def psnr(x: Tensor, ref: Tensor, *, data_range: float = 2.0) -> float:
-    """Peak signal-to-noise ratio ``10 log10(range^2 / MSE)`` in dB (``data_range = 2`` for images in [-1, 1]);
-    ``inf`` for identical images."""
-    e = mse(x, ref)
-    return math.inf if e == 0 else 10 * math.log10(data_range ** 2 / e)
+def psnr(x: Tensor, ref: Tensor, *, data_range: float = 2.0, reduction: str = "mean") -> Tensor | float:
+    """Peak signal-to-noise ratio ``10 log10(data_range^2 / MSE)`` of ``x`` against ``ref`` (same shape ``[B, ...]``),
+    in dB; ``data_range`` is 2 for images in [-1, 1]. Identical samples give ``inf``. The one PSNR of the library
+    (``dmlab.bench.psnr`` is this function).
+
+    ``reduction``:
+
+    * ``"mean"`` (default) - the mean over samples of the per-sample PSNR (a float; samples identical to their
+      reference, at ``inf``, are left out; ``inf`` if all are): fidelity to a baseline sample from the same noise;
+    * ``"none"`` - the ``[B]`` per-sample PSNRs (for intervals: ``claims.bootstrap`` over samples);
+    * ``"global"`` - one PSNR of the MSE over all elements (a float): the classical image-restoration number.
+    """
+    if not isinstance(x, Tensor) or not isinstance(ref, Tensor) or x.shape != ref.shape or x.ndim < 1:
+        raise ValueError(f"x and ref must be tensors of the same shape [B, ...], got "
+                         f"{getattr(x, 'shape', None)} and {getattr(ref, 'shape', None)}")
+    if reduction not in ("mean", "none", "global"):
+        raise ValueError(f"reduction must be 'mean', 'none' or 'global', got {reduction!r}")
+    diff2 = (x.detach().double() - ref.detach().double()).pow(2)
+    if reduction == "global":
+        e = float(diff2.mean())
+        return math.inf if e == 0 else 10 * math.log10(data_range ** 2 / e)
+    p = 10 * torch.log10(data_range ** 2 / diff2.flatten(1).mean(1))  # inf where mse == 0
+    if reduction == "none":
+        return p
+    finite = p[torch.isfinite(p)]
+    return float(finite.mean()) if finite.numel() else math.inf
 
 
 def pck(pred: Tensor, target: Tensor, *, alpha: float = 0.1, size: float | Tensor) -> float:

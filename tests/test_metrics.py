@@ -143,3 +143,19 @@ def test_non_finite_features_and_mixtures_are_refused():
     # half-precision features: the same distance as their float32 values
     assert metrics.frechet_distance(f.half(), f[:10].half()) == metrics.frechet_distance(f.half().float(),
                                                                                         f[:10].half().float())
+
+
+def test_one_psnr_three_reductions(gen):
+    """bench.psnr is metrics.psnr; "mean" averages per-sample PSNRs, "global" is the PSNR of the pooled MSE."""
+    from dmlab import bench
+
+    assert bench.psnr is metrics.psnr
+    ref = torch.rand(3, 1, 4, 4, generator=gen) * 2 - 1
+    x = ref + torch.tensor([0.1, 0.2, 0.0]).view(3, 1, 1, 1)  # per-sample MSE 0.01, 0.04, 0 (identical)
+    per = metrics.psnr(x, ref, reduction="none")
+    assert per[:2].tolist() == pytest.approx([10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04)], rel=1e-6)
+    assert math.isinf(per[2])
+    assert metrics.psnr(x, ref) == pytest.approx(float(per[:2].mean()), rel=1e-12)  # inf left out of the mean
+    assert metrics.psnr(x, ref, reduction="global") == pytest.approx(10 * math.log10(4 / (0.05 / 3)), rel=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        metrics.psnr(x, ref, reduction="sum")

@@ -6,7 +6,7 @@ from .handle import CallCounter, Handle, count_calls, patch_forward, resolve_mod
 from .diffusers_caches import (apply_diffusers_cache, apply_first_block_cache, apply_mag_cache, apply_pab,
                                apply_taylorseer, calibrate_mag_ratios)
 from .tstitch import TStitch, denoising_error, switch_sigma, tstitch
-from .harness import Protocol
+from .harness import Protocol, Testbed
 from .quantization import QuantConfig, apply_quantization, temporal_cache_bytes
 from .quant_calibration import calibration_set
 from .quest import quest_finetune

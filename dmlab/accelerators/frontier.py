@@ -51,10 +51,9 @@ def run_with_flops(fn: Callable[[], Any]) -> tuple[Any, int]:
 
 
 def _sampler(name: str) -> Callable:
-    from .. import samplers
+    from ..samplers.registry import get
 
-    return {"ddim": samplers.sample_ddim, "dpmpp_2m": samplers.sample_dpmpp_2m,
-            "unipc": samplers.sample_unipc}[name]
+    return get(name).fn  # the registry's record (dmlab.samplers.registry)
 
 
 @dataclass(frozen=True)

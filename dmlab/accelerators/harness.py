@@ -1,7 +1,7 @@
 """The accelerator benchmark protocol for the digit zoo (CONVENTIONS §8; notes-accelerators §6), as one object.
 
-:class:`Protocol` fixes everything but the method: the weights, the sampler, the schedule, the starting noise and the
-labels. Each :meth:`Protocol.measure` call samples with a method (an ``apply`` function returning a
+:class:`Testbed` (the benchmark protocol) fixes everything but the method: the weights, the sampler, the schedule, the starting noise and the
+labels. Each :meth:`Testbed.measure` call samples with a method (an ``apply`` function returning a
 :class:`~dmlab.accelerators.handle.Handle`, another denoiser such as a T-Stitch one, or another schedule) and adds a
 row to ``protocol.table`` with
 
@@ -12,7 +12,7 @@ row to ``protocol.table`` with
 * ``fd`` / ``acc`` - digits-FD against the test digits and class accuracy (when a classifier is given);
 * ``wall`` (``wall_lo``-``wall_hi``) - with ``time=True``: interleaved 1-thread timing, median of pair ratios.
 
-:meth:`Protocol.fewer_steps` adds the trivial competitor, *the same sampler with fewer steps at matched FLOPs*.
+:meth:`Testbed.fewer_steps` adds the trivial competitor, *the same sampler with fewer steps at matched FLOPs*.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from torch import Tensor
 
 from .. import bench, samplers, schedules
 
-__all__ = ["Protocol"]
+__all__ = ["Testbed", "Protocol"]
 
 
-class Protocol:
+class Testbed:
     """Baseline and methods on the same weights, sampler, steps, noise and labels (see the module docstring).
 
     ``denoiser``: the baseline Denoiser (e.g. from :func:`dmlab.zoo.load_denoiser`); ``model``: the network the
@@ -116,3 +116,6 @@ class Protocol:
         steps."""
         k = bench.matched_steps(self.n_steps, speedup)
         return self.measure(name or f"same sampler, {k} steps (matched FLOPs)", sigmas=self.schedule(k), **kw)
+
+
+Protocol = Testbed  # the former name, kept for the chapters that call ``acc.Protocol`` (15, 16)

@@ -16,8 +16,9 @@ from .deis import sample_deis
 from .v3 import sample_dpm_solver_v3
 from .search import sample_spec
 
-__all__ = ["sample_euler", "sample_heun", "sample_ddpm", "sample_euler_maruyama", "sample_pc", "sample_hb", "sample_ghvb", "sample_dmcmc",
-           "sample_dpmpp_2m_sde", "sample_interpolant", "sample_mrs",
-           "sample_ddim", "sample_dpm_solver", "sample_dpm_solver_multistep", "sample_dpmpp_2m", "sample_dpmpp_3m",
-           "sample_dpmpp_3m_diffusers", "sample_dpmpp_3m_taylor", "sample_unipc", "sample_deis",
-           "sample_dpm_solver_v3", "sample_spec"]
+from .registry import REGISTRY, SamplerInfo, deterministic
+from .convergence import fit_order
+
+# every sampler function in the registry, and the registry itself (one list: dmlab.samplers.registry)
+__all__ = list(dict.fromkeys(r.fn.__name__ for r in REGISTRY.values())) + [
+    "REGISTRY", "SamplerInfo", "deterministic", "fit_order"]

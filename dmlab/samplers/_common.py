@@ -42,3 +42,22 @@ def report(callback, i, x, sigma, sigma_next, denoised) -> None:
 def randn_like(x: Tensor, generator) -> Tensor:
     """Unit Gaussian noise shaped like ``x``, drawn on the CPU from ``generator`` (same bits everywhere)."""
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+
+
+def work_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a sampler's update is computed in: float64 for float64 input, float32 otherwise (float16 and
+    bfloat16 states lose the small differences multistep solvers are made of; issue 11)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def per_step_sigmas(sigmas: Tensor, batch: int) -> tuple:
+    """The ``[B]`` sigma tensor of each step, made once (a view per step: no per-step allocation)."""
+    return sigmas[:, None].expand(len(sigmas), batch).unbind(0)
+
+
+def model_in(denoiser: Callable, cond: dict, dtype: torch.dtype, work: torch.dtype) -> Callable:
+    """``model(x, sigma) = D(x, sigma, **cond)`` called in the model's ``dtype`` (x's), returning the ``work`` dtype
+    of the update; no wrapper at all when both agree and there is no ``cond`` (no per-step cost)."""
+    if dtype == work:
+        return (lambda x, s: denoiser(x, s, **cond)) if cond else denoiser
+    return lambda x, s: denoiser(x.to(dtype), s.to(dtype), **cond).to(work)

@@ -24,21 +24,14 @@ from .. import schedules
 __all__ = ["state_at_end", "diffusers_state_at_end", "DIFFUSERS_CONFIGS", "OVERHEAD_PAIRS", "overhead_table",
            "rmse", "References", "dmlab_candidates", "accuracy_table", "make_scheduler"]
 
-# (label, diffusers class, config): candidates for "the best diffusers scheduler" at a given NFE
-DIFFUSERS_CONFIGS = [
-    ("DDIM", "DDIMScheduler", {"set_alpha_to_one": False, "clip_sample": False}),
-    ("DPM++2M", "DPMSolverMultistepScheduler", {}),
-    ("DPM++2M karras", "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    ("DPM++3M", "DPMSolverMultistepScheduler", {"solver_order": 3}),
-    ("DPM++3M karras", "DPMSolverMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
-    ("DPM-Solver-3 singlestep", "DPMSolverSinglestepScheduler", {"solver_order": 3}),
-    ("UniPC-2 bh2", "UniPCMultistepScheduler", {}),
-    ("UniPC-2 bh2 karras", "UniPCMultistepScheduler", {"use_karras_sigmas": True}),
-    ("UniPC-3 bh1", "UniPCMultistepScheduler", {"solver_order": 3, "solver_type": "bh1"}),
-    ("UniPC-3 bh2 karras", "UniPCMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
-    ("DEIS-3", "DEISMultistepScheduler", {"solver_order": 3}),
-    ("DEIS-3 karras", "DEISMultistepScheduler", {"solver_order": 3, "use_karras_sigmas": True}),
-]
+def _diffusers_configs() -> list:
+    from .registry import REGISTRY
+
+    return [entry for r in REGISTRY.values() if r.diffusers_candidate for entry in r.diffusers]
+
+
+# (label, diffusers class, config): candidates for "the best diffusers scheduler" at a given NFE (from the registry)
+DIFFUSERS_CONFIGS = _diffusers_configs()
 
 
 def rmse(a: Tensor, b: Tensor) -> float:
@@ -106,28 +99,14 @@ def diffusers_state_at_end(cls_name: str, config: dict, denoiser: Callable, nois
 
 
 # ----------------------------------------------------------------------------------------------- overhead
-def _dmlab_solvers() -> dict:
-    from . import sample_ddim, sample_deis, sample_dpm_solver, sample_dpmpp_2m, sample_dpmpp_3m, sample_euler
-    from . import sample_heun, sample_unipc
+def _overhead_pairs() -> list:
+    from .registry import REGISTRY
 
-    return {"ddim": (sample_ddim, {}), "dpmpp_2m": (sample_dpmpp_2m, {}),
-            "dpmpp_3m": (sample_dpmpp_3m, {"variant": "diffusers"}),
-            "dpm_solver_3s": (sample_dpm_solver, {"order": 3, "prediction": "data"}),
-            "unipc": (sample_unipc, {}), "deis": (sample_deis, {"order": 3}), "euler": (sample_euler, {}),
-            "heun": (sample_heun, {})}
+    return [(r.label, r.name, *r.diffusers[0][1:]) for r in REGISTRY.values() if r.benchmark]
 
 
-# (algorithm, dmlab solver key, diffusers class, config)
-OVERHEAD_PAIRS = [
-    ("DDIM", "ddim", "DDIMScheduler", {"clip_sample": False}),
-    ("DPM-Solver++(2M)", "dpmpp_2m", "DPMSolverMultistepScheduler", {}),
-    ("DPM-Solver++(3M)", "dpmpp_3m", "DPMSolverMultistepScheduler", {"solver_order": 3}),
-    ("DPM-Solver-3 singlestep", "dpm_solver_3s", "DPMSolverSinglestepScheduler", {"solver_order": 3}),
-    ("UniPC-2 bh2", "unipc", "UniPCMultistepScheduler", {}),
-    ("DEIS-3", "deis", "DEISMultistepScheduler", {"solver_order": 3}),
-    ("Euler", "euler", "EulerDiscreteScheduler", {}),
-    ("Heun", "heun", "HeunDiscreteScheduler", {}),
-]
+# (algorithm, registry name, diffusers class, config): the registry's samplers with a diffusers twin
+OVERHEAD_PAIRS = _overhead_pairs()
 
 
 def overhead_table(n_steps: int = 20, shape: tuple = (16, 1, 8, 8), pairs: int = 7, pairs_list=None):
@@ -141,7 +120,7 @@ def overhead_table(n_steps: int = 20, shape: tuple = (16, 1, 8, 8), pairs: int =
     """
     from ..bench import Table, time_pair
 
-    solvers = _dmlab_solvers()
+    from .registry import get
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(shape, generator=gen)
     out = 0.1 * torch.randn(shape, generator=gen)
@@ -149,7 +128,7 @@ def overhead_table(n_steps: int = 20, shape: tuple = (16, 1, 8, 8), pairs: int =
                   ["diffusers_ms", "dmlab_ms", "ratio", "ratio_lo", "ratio_hi"])
     for label, key, cls_name, cfg in (pairs_list or OVERHEAD_PAIRS):
         sch = make_scheduler(cls_name, **cfg)
-        fn, kw = solvers[key]
+        info = get(key)
 
         def run_diffusers():
             sch.set_timesteps(n_steps)
@@ -160,7 +139,7 @@ def overhead_table(n_steps: int = 20, shape: tuple = (16, 1, 8, 8), pairs: int =
 
         def run_dmlab():
             s = schedules.karras(n_steps, 0.01, 80.0, dtype=torch.float32)
-            return fn(lambda x, sigma: out, x0, s, **kw)
+            return info(lambda x, sigma: out, x0, s)
 
         calls = 2 * n_steps - 1 if key == "heun" else n_steps
         t = time_pair(run_diffusers, run_dmlab, pairs=pairs, warmup=1, threads=1, clock="process")
@@ -195,17 +174,15 @@ def dmlab_candidates(stats=None, spec=None) -> dict:
     a searched :class:`~dmlab.samplers.search.SolverSpec` of the right NFE may be given as ``spec``). They run with
     ``lower_order_final="sigma_min"``: the states are compared at the last positive sigma, as diffusers'
     ``final_sigmas_type="sigma_min"`` schedulers are."""
-    from . import (sample_deis, sample_dpm_solver, sample_dpmpp_2m, sample_dpmpp_3m, sample_spec, sample_unipc)
-    from .v3 import sample_dpm_solver_v3
+    from .registry import REGISTRY
 
-    lof = {"lower_order_final": "sigma_min"}  # diffusers' rule for a schedule that ends at sigma_min
-    c = {"DPM++2M": (sample_dpmpp_2m, lof), "DPM++3M taylor": (sample_dpmpp_3m, lof),
-         "DPM++3M diffusers": (sample_dpmpp_3m, {"variant": "diffusers", **lof}),
-         "DPM-Solver-3 singlestep": (sample_dpm_solver, {"order": 3}),
-         "UniPC-2 bh2": (sample_unipc, lof), "UniPC-3 bh2": (sample_unipc, {"order": 3, **lof}),
-         "UniPC-3 bh1": (sample_unipc, {"order": 3, "solver_type": "bh1", **lof}),
-         "DEIS-3 tAB": (sample_deis, {"variant": "tab", **lof}), "DEIS-3 rhoAB": (sample_deis, {"variant": "rhoab", **lof}),
-         "DEIS-3 logrho": (sample_deis, {"variant": "logrho", **lof})}
+    c = {}
+    for r in REGISTRY.values():
+        if r.candidate:  # diffusers' rule for a schedule that ends at sigma_min, where the sampler has the option
+            c[r.label] = (r.fn, {**r.options, **({"lower_order_final": "sigma_min"} if r.takes("lower_order_final")
+                                                 else {})})
+    lof = {"lower_order_final": "sigma_min"}
+    sample_dpm_solver_v3, sample_spec = REGISTRY["dpm_solver_v3"].fn, REGISTRY["spec"].fn
     if stats is not None:
         c["DPM-Solver-v3 (3, corrector)"] = (sample_dpm_solver_v3, {"statistics": stats, "order": 3, **lof})
         c["DPM-Solver-v3 (2, corrector)"] = (sample_dpm_solver_v3, {"statistics": stats, "order": 2, **lof})

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._plan import Plan, Update, sample_plan
+from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
+from ._plan import Plan, Update
 from .exponential import check_choice, check_lof, check_order, multistep_orders, need_steps
 
 __all__ = ["sample_deis", "plan_deis", "vp_linear_time"]
@@ -90,14 +91,38 @@ def plan_deis(sigmas: list, *, order: int = 3, variant: str = "logrho", time: Ca
     return Plan(tuple(sigmas), tuple(adv), (None,) * n, tuple(orders), f"deis_{variant}_{order}")
 
 
+@torch.no_grad()
 def sample_deis(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                 generator: torch.Generator | None = None, callback: Callable | None = None, order: int = 3,
                 variant: str = "logrho", time: Callable | None = None, lower_order_final: bool | str = True) -> Tensor:
-    """DEIS (Zhang & Chen 2023): exponential integrator with a polynomial extrapolation of ``eps``; 1 NFE per step.
+    """DEIS (Zhang & Chen 2023, Alg. 1 / eq. 15): exponential integrator with a polynomial extrapolation of ``eps``.
 
-    ``variant``: ``"tab"`` (polynomial in the diffusion time ``t``; ``time(sigma) -> t`` maps sigmas to it, default
-    the VP-linear time), ``"rhoab"`` (in ``rho = sigma``) or ``"logrho"`` (in ``log rho``; diffusers' default).
-    ``order`` 1-3 (order 1 is DDIM). Needs at least ``order`` steps.
+    One NFE per step: ``x_{i+1} = x_i + sum_j C_ij eps_{i-j}``, ``C_ij = int_{sigma_i}^{sigma_{i+1}} l_j(v) dsigma``
+    over the Lagrange basis ``l_j`` of the last ``order`` evaluations in the variable ``v`` of ``variant``:
+    ``"tab"`` (the diffusion time ``t``; ``time(sigma) -> t`` maps sigmas to it, default the VP-linear time),
+    ``"rhoab"`` (``rho = sigma``) or ``"logrho"`` (``log rho``; diffusers' default). ``order`` 1-3 (order 1 is
+    DDIM). Needs at least ``order`` steps.
     """
-    return sample_plan(plan_deis, denoiser, x, sigmas, cond, generator, callback, order=order,
-                       variant=variant, time=time, lower_order_final=lower_order_final)
+    order = check_order(order)
+    check_choice("variant", variant, VARIANTS)
+    if time is not None and not callable(time):
+        raise TypeError("time must be callable: time(sigma as a float64 numpy array) -> t, increasing in sigma")
+    sig, cond, s = prepare(denoiser, x, sigmas, cond, generator, floats=True)
+    batch, xw = per_step_sigmas(sig, x.shape[0]), x.to(work_dtype(x))
+    model = model_in(denoiser, cond, x.dtype, xw.dtype)  # D(x, sigma) in the update's dtype
+    n = len(s) - 1
+    need_steps(n, order, "DEIS")
+    v = _variable(variant, time)
+    orders = multistep_orders(n, order, check_lof(lower_order_final))
+    eps = []  # eps_i, eps_{i-1}, ... newest first
+    for i in range(n):
+        denoised = model(xw, batch[i])
+        report(callback, i, xw, sig[i], sig[i + 1], denoised)
+        if s[i + 1] == 0:  # final step: x_0 = D(x, sigma_last)
+            xw = denoised
+            break
+        eps = [(xw - denoised) / s[i]] + eps[: order - 1]  # eps_i = (x_i - D_i) / sigma_i
+        p = orders[i]
+        C = deis_weights(s[i - p + 1: i + 1][::-1], s[i], s[i + 1], v)  # C_ij of the nodes i, i-1, ..., i-p+1
+        xw = xw + sum(c * e for c, e in zip(C, eps))  # x_{i+1} = x_i + sum_j C_ij eps_{i-j}
+    return xw.to(x.dtype)

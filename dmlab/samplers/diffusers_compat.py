@@ -33,21 +33,19 @@ SCHEDULES = ("karras", "log_uniform", "discrete")
 
 
 def _builders() -> dict:
-    from . import deis, exponential, unipc
+    """``{name: (plan builder, fixed options)}`` of every registry sampler the adapter can run."""
+    from .registry import REGISTRY
 
-    return {
-        "ddim": (exponential.plan_ddim, {}),
-        "euler": (exponential.plan_ddim, {}),
-        "dpmpp_2m": (exponential.plan_dpm_solver_multistep, {"order": 2, "prediction": "data"}),
-        "dpmpp_3m": (exponential.plan_dpm_solver_multistep, {"order": 3, "prediction": "data"}),
-        "dpm_solver_multistep": (exponential.plan_dpm_solver_multistep, {}),
-        "dpm_solver": (exponential.plan_dpm_solver, {}),
-        "unipc": (unipc.plan_unipc, {}),
-        "deis": (deis.plan_deis, {}),
-    }
+    return {k: r.plan for k, r in REGISTRY.items() if r.plan is not None}
 
 
-SOLVERS = ("ddim", "euler", "dpmpp_2m", "dpmpp_3m", "dpm_solver_multistep", "dpm_solver", "unipc", "deis", "spec")
+def _solvers() -> tuple:
+    from .registry import REGISTRY
+
+    return tuple(k for k, r in REGISTRY.items() if r.plan is not None) + ("spec",)
+
+
+SOLVERS = _solvers()
 
 
 def build_plan(solver: str, sigmas: list, options: dict):

@@ -38,7 +38,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._plan import Plan, Update, sample_plan
+from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
+from ._plan import Plan, Update
 
 __all__ = ["sample_ddim", "sample_dpm_solver", "sample_dpm_solver_multistep", "sample_dpmpp_2m", "sample_dpmpp_3m",
            "sample_dpmpp_3m_taylor", "sample_dpmpp_3m_diffusers", "plan_ddim", "plan_dpm_solver",
@@ -238,9 +239,21 @@ def plan_dpm_solver(sigmas: list, *, order: int = 3, prediction: str = "noise", 
 
 
 # ----------------------------------------------------------------------------------------------- samplers
+# The public samplers are plain loops, one line of the paper's algorithm per line of code. The plans above compute
+# the same numbers (tests/samplers/test_registry.py checks loop == plan to 1e-12 in float64) and back the diffusers
+# adapter and the solver search. Every update is computed in float32 (float64 for float64 input); x's dtype is kept.
+def _loop_setup(denoiser, x, sigmas, cond, generator):
+    """Shared start of the loops: checked schedule (tensor and floats), the model ``D(x, sigma)`` in the update's
+    dtype (cond bound), per-step ``[B]`` sigmas (in x's dtype) and ``x`` in the update's dtype."""
+    sig, cond, s = prepare(denoiser, x, sigmas, cond, generator, floats=True)
+    xw = x.to(work_dtype(x))
+    return sig, model_in(denoiser, cond, x.dtype, xw.dtype), s, per_step_sigmas(sig, x.shape[0]), xw
+
+
+@torch.no_grad()
 def sample_ddim(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                 generator: torch.Generator | None = None, callback: Callable | None = None, eta: float = 0.0) -> Tensor:
-    """DDIM (Song, Meng & Ermon 2021): ``x_next = D + sigma_next * eps_hat`` per step, one NFE per step.
+    """DDIM (Song, Meng & Ermon 2021, eq. 12 with ``sigma_t = 0``): ``x_next = D + sigma_next * eps_hat``, 1 NFE/step.
 
     With ``eta = 0`` (the default) it is deterministic and identical to Euler in sigma and to DPM-Solver-1 (first
     order). ``eta > 0`` is DDIM's stochastic family, implemented in :func:`dmlab.samplers.sample_ddpm` (samplers
@@ -252,42 +265,109 @@ def sample_ddim(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
         from .sde import sample_ddpm
 
         return sample_ddpm(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback, eta=float(eta))
-    return sample_plan(plan_ddim, denoiser, x, sigmas, cond, generator, callback)
+    sig, model, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
+    for i in range(len(s) - 1):
+        denoised = model(xw, batch[i])  # x0_hat = D(x_i, sigma_i)
+        report(callback, i, xw, sig[i], sig[i + 1], denoised)
+        xw = torch.lerp(denoised, xw, s[i + 1] / s[i])  # x_next = D + sigma_next * (x - D) / sigma
+    return xw.to(x.dtype)
 
 
+@torch.no_grad()
 def sample_dpm_solver_multistep(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                                 generator: torch.Generator | None = None, callback: Callable | None = None,
                                 order: int = 2, prediction: str = "data", solver_type: str = "midpoint",
                                 variant: str = "taylor", lower_order_final: bool | str = True) -> Tensor:
-    """Multistep DPM-Solver(++) (Lu et al. 2022): one NFE per step, order ``order`` after a low-order warm-up.
+    """Multistep DPM-Solver(++) (Lu et al. 2022b, Alg. 2 and its order-3 extension): one NFE per step.
 
-    See :func:`plan_dpm_solver_multistep` for the options; :func:`sample_dpmpp_2m` and :func:`sample_dpmpp_3m`
+    ``prediction="data"`` integrates ``D`` (DPM-Solver++), ``"noise"`` the noise prediction ``eps = (x - D) / sigma``
+    (multistep DPM-Solver, Lu et al. 2022a). Warm-up ``min(order, i + 1)`` and ``lower_order_final`` as diffusers
+    (:func:`multistep_orders`). ``solver_type``: ``"midpoint"`` weights the first difference ``D1`` by
+    ``-(e^{-h} - 1) / 2`` (the paper's Alg. 2), ``"heun"`` by the Taylor weight ``phi_2``; ``variant`` is the weight
+    of the second difference at order 3 (module docstring). :func:`sample_dpmpp_2m` and :func:`sample_dpmpp_3m`
     are the common presets. Needs at least ``order`` steps.
     """
-    return sample_plan(plan_dpm_solver_multistep, denoiser, x, sigmas, cond, generator, callback,
-                       order=order, prediction=prediction, solver_type=solver_type, variant=variant,
-                       lower_order_final=lower_order_final)
+    order = check_order(order)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    check_choice("variant", variant, VARIANTS_3M)
+    sig, model, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
+    n = len(s) - 1
+    need_steps(n, order, "multistep DPM-Solver")
+    orders = multistep_orders(n, order, check_lof(lower_order_final))
+    lam = lams(s)  # lambda_i = -log(sigma_i): half log-SNR in the VE convention
+    w2_scale = 2.0 if variant == "taylor" else 1.0
+    M = []  # the last three model outputs (D or eps), newest last
+    for i in range(n):
+        denoised = model(xw, batch[i])
+        report(callback, i, xw, sig[i], sig[i + 1], denoised)
+        M = (M + [denoised if prediction == "data" else (xw - denoised) / s[i]])[-3:]
+        if s[i + 1] == 0:  # final step: x_0 = D(x, sigma_last), never evaluating the model at 0
+            xw = denoised
+            break
+        h = lam[i + 1] - lam[i]  # h_i = lambda_{i+1} - lambda_i
+        a, w0, w1, w2 = _phis(h, prediction)  # e^{-h}, 1 - e^{-h}, phi_2, phi_3 weights (noise: per unit sigma)
+        p = orders[i]
+        if p == 1:  # DPM-Solver(++)-1 = DDIM
+            m = w0 * M[-1]
+        elif p == 2:  # Alg. 2, line 5: r_i = h_{i-1} / h_i, D1 = (M_i - M_{i-1}) / r_i
+            r0 = (lam[i] - lam[i - 1]) / h
+            D1 = (M[-1] - M[-2]) / r0
+            m = w0 * M[-1] + (0.5 * w0 if solver_type == "midpoint" else w1) * D1
+        else:  # order 3: first and second divided differences from the last three outputs
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            D1_0, D1_1 = (M[-1] - M[-2]) / r0, (M[-2] - M[-3]) / r1
+            D1 = D1_0 + (r0 / (r0 + r1)) * (D1_0 - D1_1)  # ~ h M'
+            D2 = (D1_0 - D1_1) / (r0 + r1)  # ~ h^2 M'' / 2
+            m = w0 * M[-1] + w1 * D1 + (w2_scale * w2) * D2
+        # data: x_{i+1} = (sigma_{i+1} / sigma_i) x_i + m;  noise: x_{i+1} = x_i + sigma_{i+1} m
+        xw = a * xw + m if prediction == "data" else xw + s[i + 1] * m
+    return xw.to(x.dtype)
 
 
 def sample_dpmpp_2m(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                     generator: torch.Generator | None = None, callback: Callable | None = None,
                     solver_type: str = "midpoint", lower_order_final: bool | str = True) -> Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): ``x_t = e^{-h} x - (e^{-h} - 1)(D_i + (D_i - D_{i-1}) / (2 r))``.
+    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), written out as the paper's loop (k-diffusion style).
 
-    ``r = h_{i-1} / h_i``; the first step is DDIM and the last returns ``D(x, sigma_last)``. Second order, one NFE
-    per step. Equals k-diffusion's ``sample_dpmpp_2m`` and diffusers' default ``DPMSolverMultistepScheduler``.
+    Per step ``h = lambda_{i+1} - lambda_i``, ``r = h_{i-1} / h``:
+    ``x_{i+1} = (sigma_{i+1}/sigma_i) x_i - (e^{-h} - 1) ((1 + 1/(2r)) D_i - D_{i-1} / (2r))``;
+    the first step is DDIM and the last returns ``D(x, sigma_last)``. Second order, one NFE per step. Equals
+    k-diffusion's ``sample_dpmpp_2m`` and diffusers' default ``DPMSolverMultistepScheduler``. ``solver_type="heun"``
+    (diffusers' option) and ``lower_order_final`` go to :func:`sample_dpm_solver_multistep`.
     """
-    return sample_dpm_solver_multistep(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
-                                       order=2, solver_type=solver_type, lower_order_final=lower_order_final)
+    if solver_type != "midpoint" or lower_order_final is not True:
+        return sample_dpm_solver_multistep(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
+                                           order=2, solver_type=solver_type, lower_order_final=lower_order_final)
+    with torch.no_grad():
+        sig, model, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
+        n, old = len(s) - 1, None
+        for i in range(n):
+            denoised = model(xw, batch[i])  # D_i = D(x_i, sigma_i)
+            report(callback, i, xw, sig[i], sig[i + 1], denoised)
+            if s[i + 1] == 0:  # last step: x_0 = D_i
+                xw = denoised
+                break
+            h = math.log(s[i] / s[i + 1])  # h_i = lambda_{i+1} - lambda_i, lambda = -log sigma
+            if old is None:  # first step: first order (DDIM)
+                d = denoised
+            else:  # D = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},  r = h_{i-1} / h_i
+                r = h_old / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+            xw = (s[i + 1] / s[i]) * xw - math.expm1(-h) * d  # x_{i+1} = (sigma_{i+1}/sigma_i) x_i - (e^{-h}-1) D
+            old, h_old = denoised, h
+        return xw.to(x.dtype)
 
 
 def sample_dpmpp_3m(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                     generator: torch.Generator | None = None, callback: Callable | None = None,
                     variant: str = "taylor", lower_order_final: bool | str = True) -> Tensor:
-    """DPM-Solver++(3M) (Lu et al. 2022): third-order multistep with data prediction, one NFE per step.
+    """DPM-Solver++(3M) (Lu et al. 2022b): third-order multistep with data prediction, one NFE per step.
 
-    ``variant="taylor"`` (default) weights the second difference ``D2`` by ``2 phi_3`` (order 3, measured);
-    ``variant="diffusers"`` by ``phi_3`` as diffusers and k-diffusion do (order 2, measured). Needs >= 3 steps.
+    The loop is :func:`sample_dpm_solver_multistep` at ``order=3``: ``x_{i+1} = e^{-h} x_i + (1 - e^{-h}) D_i +
+    phi_2 D1 + w phi_3 D2`` with the first and second divided differences ``D1, D2`` of the last three outputs.
+    ``variant="taylor"`` (default) uses ``w = 2`` (order 3, measured); ``variant="diffusers"`` ``w = 1`` as diffusers
+    and k-diffusion do (order 2, measured). Needs >= 3 steps.
     """
     return sample_dpm_solver_multistep(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
                                        order=3, variant=variant, lower_order_final=lower_order_final)
@@ -303,14 +383,52 @@ def sample_dpmpp_3m_diffusers(denoiser: Callable, x: Tensor, sigmas: Tensor, **k
     return sample_dpmpp_3m(denoiser, x, sigmas, variant="diffusers", **kw)
 
 
+@torch.no_grad()
 def sample_dpm_solver(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                       generator: torch.Generator | None = None, callback: Callable | None = None, order: int = 3,
                       prediction: str = "noise", solver_type: str = "midpoint") -> Tensor:
-    """Singlestep DPM-Solver-1/2/3 (Lu et al. 2022); ``prediction="data"`` gives singlestep DPM-Solver++.
+    """Singlestep DPM-Solver-1/2/3 (Lu et al. 2022a, Alg. 1 with DPM-Solver-2/-3); ``prediction="data"`` gives
+    singlestep DPM-Solver++ (Lu et al. 2022b, Alg. 1).
 
-    One NFE per grid point: the inner stages of each step are grid points (:func:`plan_dpm_solver`), which is
-    diffusers' ``DPMSolverSinglestepScheduler``. For the paper's ``r1 = 1/3, r2 = 2/3`` use a grid uniform in
-    ``lam`` (:func:`dmlab.schedules.log_uniform`). Needs at least ``order`` steps.
+    One NFE per grid point: the grid is cut into groups (:func:`singlestep_orders`, diffusers' rule); a group
+    ``[1, 2, 3]`` is one DPM-Solver-3 step from its first point ``s`` whose two inner stages ``u_1, u_2`` are the next
+    two grid points, reached by the first- and second-order updates from ``s``. ``solver_type="midpoint"`` is the
+    paper's formula (exact for its ``r_1 = 1/3, r_2 = 2/3``: use :func:`dmlab.schedules.log_uniform`), ``"heun"``
+    the general Taylor one. This is diffusers' ``DPMSolverSinglestepScheduler``. Needs at least ``order`` steps.
     """
-    return sample_plan(plan_dpm_solver, denoiser, x, sigmas, cond, generator, callback,
-                       order=order, prediction=prediction, solver_type=solver_type)
+    order = check_order(order)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    sig, model, s, batch, xw = _loop_setup(denoiser, x, sigmas, cond, generator)
+    n = len(s) - 1
+    need_steps(n, order, "singlestep DPM-Solver")
+    lam = lams(s)
+    for i, p in enumerate(singlestep_orders(n, order)):
+        denoised = model(xw, batch[i])
+        report(callback, i, xw, sig[i], sig[i + 1], denoised)
+        if s[i + 1] == 0:  # final step: x_0 = D(x, sigma_last)
+            xw = denoised
+            break
+        m_i = denoised if prediction == "data" else (xw - denoised) / s[i]
+        if p == 1:  # a new step starts at s = sigma_i: remember x_s and the model there
+            b, x_s, M = i, xw, [m_i]
+        else:  # the inner stage u_{p-1} = x_i was evaluated: keep its output
+            M.append(m_i)
+        h = lam[i + 1] - lam[b]  # the step (or stage) from s to sigma_{i+1}
+        a, w0, w1, w2 = _phis(h, prediction)
+        if p == 1:  # DPM-Solver-1 (= DDIM)
+            m = w0 * M[0]
+        elif p == 2:  # DPM-Solver-2: D1 = (M(u_1) - M(s)) / r_1
+            r = (lam[i] - lam[b]) / h
+            m = w0 * M[0] + (0.5 * w0 if solver_type == "midpoint" else w1) * ((M[1] - M[0]) / r)
+        else:  # DPM-Solver-3 with stages r_1 = (lam(u_1) - lam_s) / h, r_2 = (lam(u_2) - lam_s) / h
+            r1, r2 = (lam[i - 1] - lam[b]) / h, (lam[i] - lam[b]) / h
+            D1_1, D1_2 = (M[1] - M[0]) / r1, (M[2] - M[0]) / r2
+            if solver_type == "midpoint":  # the paper: only the second stage's difference, weighted by phi_2
+                m = w0 * M[0] + w1 * D1_2
+            else:  # Taylor: first and second derivative from both stages
+                D1 = (r2 * D1_1 - r1 * D1_2) / (r2 - r1)
+                D2 = 2 * (D1_2 - D1_1) / (r2 - r1)
+                m = w0 * M[0] + w1 * D1 + w2 * D2
+        xw = a * x_s + m if prediction == "data" else x_s + s[i + 1] * m
+    return xw.to(x.dtype)

@@ -10,24 +10,27 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import prepare, report
+from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
 
 
 @torch.no_grad()
 def sample_euler(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                  generator: torch.Generator | None = None, callback: Callable | None = None) -> Tensor:
-    """Euler steps ``x <- x + (sigma_next - sigma) (x - D(x, sigma)) / sigma`` (EDM Alg. 1, first order).
+    """Euler steps of ``dx/dsigma = (x - D(x, sigma)) / sigma`` (EDM Alg. 1 without churn, first order).
 
     One NFE per step (``nfe = n_steps``); the last step lands on ``D(x, sigma_last)`` exactly. ``generator`` is
-    accepted for the shared signature and unused (the sampler is deterministic).
+    accepted for the shared signature and unused (the sampler is deterministic). The update is computed in float32
+    (float64 for float64 input) and returned in ``x``'s dtype.
     """
     sigmas, cond, sig = prepare(denoiser, x, sigmas, cond, generator, floats=True)  # sig: floats for the arithmetic
-    batch = sigmas[:, None].expand(-1, x.shape[0])  # [B] sigmas for the denoiser
+    batch, xw = per_step_sigmas(sigmas, x.shape[0]), x.to(work_dtype(x))
+    model = model_in(denoiser, cond, x.dtype, xw.dtype)  # D(x, sigma) in the update's dtype
     for i in range(len(sig) - 1):
-        denoised = denoiser(x, batch[i], **cond)
-        report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
-        x = torch.add(x, torch.sub(x, denoised), alpha=(sig[i + 1] - sig[i]) / sig[i])
-    return x
+        denoised = model(xw, batch[i])
+        report(callback, i, xw, sigmas[i], sigmas[i + 1], denoised)
+        d = (xw - denoised) / sig[i]  # d_i = (x_i - D(x_i; sigma_i)) / sigma_i
+        xw = xw + d * (sig[i + 1] - sig[i])  # x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i
+    return xw.to(x.dtype)
 
 
 @torch.no_grad()
@@ -38,17 +41,17 @@ def sample_heun(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
     ``nfe = 2 n_steps - 1``: the final step to ``sigma = 0`` is a plain Euler step. The model is never evaluated at 0.
     """
     sigmas, cond, sig = prepare(denoiser, x, sigmas, cond, generator, floats=True)  # sig: floats for the arithmetic
-    batch = sigmas[:, None].expand(-1, x.shape[0])  # [B] sigmas for the denoiser
+    batch, xw = per_step_sigmas(sigmas, x.shape[0]), x.to(work_dtype(x))
+    model = model_in(denoiser, cond, x.dtype, xw.dtype)  # D(x, sigma) in the update's dtype
     for i in range(len(sig) - 1):
-        s, s_next = sig[i], sig[i + 1]
-        denoised = denoiser(x, batch[i], **cond)
-        report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
-        h = s_next - s
-        r = torch.sub(x, denoised)  # slope d = r / s
-        x_pred = torch.add(x, r, alpha=h / s)
-        if s_next == 0:
-            x = x_pred
-        else:  # trapezoid: x + h (d + d_next) / 2, with d_next = r_next / s_next
-            r_next = torch.sub(x_pred, denoiser(x_pred, batch[i + 1], **cond))
-            x = torch.add(x, r, alpha=h / (2 * s)).add_(r_next, alpha=h / (2 * s_next))
-    return x
+        denoised = model(xw, batch[i])
+        report(callback, i, xw, sigmas[i], sigmas[i + 1], denoised)
+        d = (xw - denoised) / sig[i]  # line 5: d_i = (x_i - D(x_i; t_i)) / t_i
+        dt = sig[i + 1] - sig[i]
+        x_next = xw + d * dt  # line 6: Euler step to t_{i+1}
+        if sig[i + 1] != 0:  # lines 7-8: apply the 2nd-order correction
+            denoised_next = model(x_next, batch[i + 1])
+            d_prime = (x_next - denoised_next) / sig[i + 1]
+            x_next = xw + (d + d_prime) * (0.5 * dt)  # x_{i+1} = x_i + (t_{i+1} - t_i)(d_i / 2 + d'_i / 2)
+        xw = x_next
+    return xw.to(x.dtype)

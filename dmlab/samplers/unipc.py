@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._plan import Plan, Update, sample_plan
+from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
+from ._plan import Plan, Update
 from .exponential import PREDICTIONS, check_choice, check_lof, check_order, lams, lin, need_steps
 
 __all__ = ["sample_unipc", "plan_unipc"]
@@ -119,16 +120,62 @@ def plan_unipc(sigmas: list, *, order: int = 2, prediction: str = "data", solver
     return Plan(tuple(sigmas), tuple(adv), tuple(cor), tuple(orders), name)
 
 
+@torch.no_grad()
 def sample_unipc(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                  generator: torch.Generator | None = None, callback: Callable | None = None, order: int = 2,
                  prediction: str = "data", solver_type: str = "bh2", corrector: bool = True,
                  disable_corrector: tuple = (), lower_order_final: bool | str = True) -> Tensor:
-    """UniPC (Zhao et al. 2023): UniP-``order`` predictor with the UniC corrector (order ``order + 1``), 1 NFE/step.
+    """UniPC (Zhao et al. 2023, Alg. 2-3): UniP-``order`` predictor with the UniC corrector (order ``order + 1``).
 
-    ``corrector=False`` is plain UniP-``order``. ``solver_type`` is ``"bh1"`` (``B(h) = h``) or ``"bh2"``
+    One NFE per step. Step ``i``: evaluate ``M_i`` at ``x_i``; UniC re-solves the previous step with ``M_i`` as one
+    more node (the corrected ``x_i^c`` is not re-evaluated); UniP advances ``x_i^c`` with ``M_i`` and the earlier
+    outputs. ``corrector=False`` is plain UniP-``order``; ``disable_corrector`` lists steps ``i - 1`` whose
+    correction is skipped (diffusers' convention). ``solver_type`` is ``"bh1"`` (``B(h) = h``) or ``"bh2"``
     (``B(h) = e^h - 1``); ``prediction`` ``"data"`` (diffusers' ``predict_x0=True``) or ``"noise"``. Needs at
     least ``order`` steps. With ``order=2, solver_type="bh2"`` this is diffusers' default UniPC.
     """
-    return sample_plan(plan_unipc, denoiser, x, sigmas, cond, generator, callback, order=order,
-                       prediction=prediction, solver_type=solver_type, corrector=bool(corrector),
-                       disable_corrector=tuple(disable_corrector), lower_order_final=lower_order_final)
+    order = check_order(order, (1, 2, 3, 4))
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("solver_type", solver_type, SOLVER_TYPES)
+    sig, cond, s = prepare(denoiser, x, sigmas, cond, generator, floats=True)
+    batch, xw = per_step_sigmas(sig, x.shape[0]), x.to(work_dtype(x))
+    model = model_in(denoiser, cond, x.dtype, xw.dtype)  # D(x, sigma) in the update's dtype
+    n = len(s) - 1
+    need_steps(n, order, "UniPC")
+    orders = unipc_orders(n, order, check_lof(lower_order_final))
+    lam = lams(s)
+    data = prediction == "data"
+
+    def update(base: int, x_base: Tensor, nodes: list, p: int, target: int, m_new: Tensor | None = None) -> Tensor:
+        """UniP-p (``m_new`` None) or UniC-p (``m_new`` = output at the target) from ``base`` to ``target``."""
+        h = lam[target] - lam[base]
+        h_phi_1, B_h, b = _rhs(h, p, prediction, solver_type)  # h phi_1(h), B(h), b_k = k! h phi_{k+1} / B(h)
+        rks = [(lam[j] - lam[base]) / h for j in nodes]  # r_m = (lambda_{i-m} - lambda_i) / h
+        D1s = [(M[j] - M[base]) / r for j, r in zip(nodes, rks)]  # D1_m = (M_{i-m} - M_i) / r_m
+        if m_new is None:  # UniP: a_p from R_{p-1}(h) a_p = b(h) on the p - 1 nodes
+            rhos = [] if p == 1 else [0.5] if p == 2 else _solve(rks, b[:-1])
+        else:  # UniC: one more node, r = 1, with D1 = M_{i+1} - M_i
+            rhos = [0.5] if p == 1 else _solve(rks + [1.0], b)
+            D1s = D1s + [m_new - M[base]]
+        res = sum(r * d for r, d in zip(rhos, D1s)) if rhos else 0.0
+        if data:  # x_t = (sigma_t / sigma_s) x_s - (e^{-h} - 1) M_s - B(h) sum_m a_m D1_m
+            return math.exp(-h) * x_base - h_phi_1 * M[base] - B_h * res
+        return x_base - s[target] * (h_phi_1 * M[base] + B_h * res)  # noise: alpha factors cancel in VE
+
+    M, X = {}, {}  # model outputs (D or eps) and states by step index
+    for i in range(n):
+        denoised = model(xw, batch[i])  # M_i at the predicted x_i
+        m_i = denoised if data else (xw - denoised) / s[i]
+        if corrector and i > 0 and (i - 1) not in disable_corrector:  # UniC-q: x_i^c from x_{i-1}^c and M_i
+            q = orders[i - 1]
+            xw = update(i - 1, X[i - 1], [i - 1 - k for k in range(1, q)], q, i, m_i)
+        M[i], X[i] = m_i, xw
+        report(callback, i, xw, sig[i], sig[i + 1], denoised)
+        if s[i + 1] == 0:  # final step: x_0 = D(x, sigma_last), not corrected
+            xw = denoised
+            break
+        p = orders[i]  # UniP-p from x_i^c with M_i, M_{i-1}, ..., M_{i-p+1}
+        xw = update(i, xw, [i - k for k in range(1, p)], p, i + 1)
+        for j in [j for j in M if j < i - order]:
+            del M[j], X[j]
+    return xw.to(x.dtype)

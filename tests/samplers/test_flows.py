@@ -14,7 +14,7 @@ from dmlab.samplers.mrs import MeanReverting, exact_mr_model, mr_times, sample_m
 from dmlab.samplers.pfgm import PFGMEmpiricalDenoiser, pfgmpp_prior
 from dmlab.samplers.rectify import AffineCouplingDenoiser, ode_coupling, train_rectified
 from dmlab.samplers.sde import gaussian_w2, output_moments
-from dmlab.viz import fit_order
+from dmlab.samplers import fit_order
 
 MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
 C = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)

@@ -9,7 +9,7 @@ from dmlab.exact import GaussianDenoiser
 from dmlab.samplers import sample_euler
 from dmlab.samplers.sde import (gaussian_w2, output_moments, sample_ddpm, sample_dpmpp_2m_sde, sample_euler_maruyama,
                                 sample_pc)
-from dmlab.viz import fit_order
+from dmlab.samplers import fit_order
 
 MU = torch.tensor([0.5, -1.0], dtype=torch.float64)
 C = torch.tensor([[1.0, 0.3], [0.3, 0.5]], dtype=torch.float64)
