@@ -24,18 +24,11 @@ def test_every_recipe_is_registered_with_its_cost_and_metrics():
     assert total < 40e6
 
 
-def test_registry_records_the_quality_bars():
-    """L models: >= 0.90 conditional accuracy and digits-FD within 3x the floor; S cheaper than L; the latent
-    pipeline renders the prompted digit >= 80% of the time (all measured at registration)."""
+def test_registry_costs_are_consistent():
+    """S models are cheaper than L models (quality is re-measured in tests/zoo/test_quality.py, not read back)."""
     reg = store.read_registry()
     for fam in ("unet", "dit"):
-        s, big = reg[f"{fam}_s"], reg[f"{fam}_l"]
-        assert big["metrics"]["class_accuracy"] >= 0.90
-        assert big["metrics"]["digits_fd"] <= 3 * big["metrics"]["digits_fd_floor"]
-        assert big["flops_per_call"] >= 5 * s["flops_per_call"]
-        assert s["metrics"]["class_accuracy"] < big["metrics"]["class_accuracy"]
-    assert reg["sd_tiny"]["metrics"]["prompt_accuracy"] >= 0.80
-    assert reg["classifier"]["metrics"]["test_accuracy"] >= 0.97
+        assert reg[f"{fam}_l"]["flops_per_call"] >= 5 * reg[f"{fam}_s"]["flops_per_call"]
 
 
 def test_adapters_are_zoo_entries_loaded_through_one_table():
