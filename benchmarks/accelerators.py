@@ -1,4 +1,4 @@
-"""Speed/quality tables of the training-free accelerators on the digit zoo (CONVENTIONS §8).
+"""Speed/quality tables of the training-free accelerators on the digit zoo.
 
     OMP_NUM_THREADS=1 python benchmarks/accelerators.py                 # every table
     OMP_NUM_THREADS=1 python benchmarks/accelerators.py --only caching  # caching | transformer | tstitch | peer

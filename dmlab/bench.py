@@ -1,4 +1,4 @@
-"""Measuring speed and quality honestly on shared CPUs (CONVENTIONS §8).
+"""Measuring speed and quality honestly on shared CPUs (see the notation page, "Measuring speed").
 
 * :func:`time_pair` - time a baseline and a method **interleaved** (B, M, B, M, ...) with one intra-op thread and
   report the **median of the per-pair ratios** with its min and max. Absolute times on a shared 2-core machine
@@ -61,7 +61,7 @@ def time_pair(baseline: Callable[[], Any], method: Callable[[], Any], *, pairs: 
               threads: int = 1, clock: str = "wall") -> Timing:
     """Time ``baseline()`` and ``method()`` interleaved (B, M, B, M, ...) after ``warmup`` rounds of each.
 
-    CONVENTIONS §8: with ``threads=1`` the per-pair ratios are stable under load; the median of ``pairs`` ratios is
+    With ``threads=1`` the per-pair ratios are stable under load; the median of ``pairs`` ratios is
     reported with its range. ``clock="process"`` uses ``time.process_time`` (CPU time of this process) instead of
     wall time. Never assert on the result in a test.
     """
@@ -257,7 +257,7 @@ from .metrics import psnr  # noqa: E402  the one PSNR (per-sample mean by defaul
 
 def matched_steps(n_steps: int, speedup: float) -> int:
     """Steps of *the same sampler with fewer steps* at the FLOPs of a method with this FLOP ``speedup`` over
-    ``n_steps`` steps: ``max(1, round(n_steps / speedup))`` (CONVENTIONS §8: every accelerator table has this row)."""
+    ``n_steps`` steps: ``max(1, round(n_steps / speedup))`` (every accelerator table has this row)."""
     if not n_steps >= 1 or not speedup > 0:
         raise ValueError(f"need n_steps >= 1 and speedup > 0, got {n_steps}, {speedup}")
     return max(1, round(n_steps / speedup))

@@ -1,6 +1,6 @@
 """Sigma grids and conversions.
 
-One convention (CONVENTIONS §1): ``x = x0 + sigma * eps``. A *schedule* is a 1-D tensor of sigmas, strictly
+One convention (book/notation.md): ``x = x0 + sigma * eps``. A *schedule* is a 1-D tensor of sigmas, strictly
 decreasing, ending in exactly 0 (``[n_steps + 1]``). A variance-preserving (VP) model sees
 ``x_vp = alpha * x0 + sigma_t * eps`` with ``alpha = 1 / sqrt(1 + sigma^2)`` and ``sigma_t = sigma * alpha``,
 so ``x_vp = alpha * x``. ``lam = -log(sigma)`` is half the log-SNR, the variable of exponential integrators.

@@ -19,7 +19,7 @@ def gen():
 
 @pytest.fixture
 def smooth_gmm():
-    """The smooth mixture of CONVENTIONS §6: 2-D, three components with variances 0.2-0.4."""
+    """The smooth test mixture: 2-D, three components with variances 0.2-0.4."""
     from dmlab.exact import GMMDenoiser
 
     means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)

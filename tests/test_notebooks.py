@@ -1,4 +1,4 @@
-"""Every chapter follows CONVENTIONS §5: title + Colab badge, the setup cell, executed top to bottom, no errors,
+"""Every chapter has the book's shape: title + Colab badge, the setup cell, executed top to bottom, no errors,
 no SVG, under 1 MB, 2+ checkpoint cells, listed in _toc.yml. The checker itself is tested on broken copies."""
 import json
 import pathlib

@@ -1,4 +1,4 @@
-"""The accelerator benchmark protocol for the digit zoo (CONVENTIONS §8; notes-accelerators §6), as one object.
+"""The accelerator benchmark protocol for the digit zoo, as one object.
 
 :class:`Testbed` (the benchmark protocol) fixes everything but the method: the weights, the sampler, the schedule, the starting noise and the
 labels. Each :meth:`Testbed.measure` call samples with a method (an ``apply`` function returning a

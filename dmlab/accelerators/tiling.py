@@ -9,7 +9,7 @@ one place and seams average out over the trajectory at (almost) the non-overlapp
 (ARAD, aspect-ratio fine-tuning) is training and is not included. No official code was found; this is a
 re-implementation from the paper text.
 
-:class:`TiledDenoiser` is a Denoiser -> Denoiser transformer (CONVENTIONS §1.4), so any sampler runs it. Conditioning
+:class:`TiledDenoiser` is a Denoiser -> Denoiser transformer, so any sampler runs it. Conditioning
 tensors with a batch dimension (``class_labels``) are repeated for every tile. ``stats``: ``calls`` and ``tiles``
 (tile evaluations; the cost in model calls at the tile size). :func:`seam_score` measures seams.
 """

@@ -4,7 +4,7 @@ Pan et al., "T-Stitch: Accelerating Sampling in Pre-trained Diffusion Models wit
 (arXiv 2402.14167, ICLR 2025; paper 1). Two models trained on the same data learn similar encodings, and the early,
 noisy steps only fix global structure, which a small model does well; so the first ``fraction`` of the steps run the
 small model and the rest the large one. The official code switches inside a pipeline loop by step index; here the
-switch is a Denoiser -> Denoiser transformer (CONVENTIONS §1.4) built on :func:`dmlab.denoisers.switch_at_sigma`,
+switch is a Denoiser -> Denoiser transformer built on :func:`dmlab.denoisers.switch_at_sigma`,
 so any sampler can use it, and the switch point is a noise level between two steps of the schedule.
 """
 from __future__ import annotations

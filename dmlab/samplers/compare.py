@@ -115,7 +115,7 @@ def overhead_table(n_steps: int = 20, shape: tuple = (16, 1, 8, 8), pairs: int =
     Both sides include their schedule construction (diffusers' ``set_timesteps``, dmlab's sigma grid and plan)
     divided over the steps; Heun's time is per model call. Returns a :class:`dmlab.bench.Table` with columns
     ``diffusers_ms``, ``dmlab_ms`` (per step, medians) and ``ratio`` (median of the interleaved per-pair ratios
-    dmlab / diffusers, with its range). One intra-op thread (CONVENTIONS §8) and the CPU time of this process
+    dmlab / diffusers, with its range). One intra-op thread and the CPU time of this process
     (``clock="process"``): on a shared machine, wall time also counts the time spent waiting for a core.
     """
     from ..bench import Table, time_pair

@@ -1,7 +1,7 @@
 """Make, execute and check the book's chapters.
 
 * :func:`make_notebook` writes a chapter from a list of cells, with the standard first two cells (title + Colab
-  badge + papers; the setup cell) so every chapter starts the same way (CONVENTIONS §5).
+  badge + papers; the setup cell) so every chapter starts the same way.
 * :func:`execute` runs a notebook top to bottom in a fresh kernel in the CI environment and stores its outputs
   (and widget state), which is what the book shows and what nbval re-checks.
 * :func:`check_conventions` lists what a chapter does wrong (used by ``tests/test_notebooks.py``).
@@ -103,7 +103,7 @@ def execute(path: str | pathlib.Path, *, timeout: int = 600) -> float:
 
 
 def check_conventions(path: str | pathlib.Path, toc_text: str | None = None) -> list[str]:
-    """The conventions a chapter breaks (CONVENTIONS §5), as readable problems; empty when it is fine."""
+    """The conventions a chapter breaks, as readable problems; empty when it is fine."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise ValueError(f"no notebook at {path}; pass a chapter such as notebooks/01_forward_and_exact.ipynb")

@@ -1,4 +1,4 @@
-"""dmlab solvers against diffusers' schedulers on a config-built UNet with the same noise (CONVENTIONS §6), and the
+"""dmlab solvers against diffusers' schedulers on a config-built UNet with the same noise, and the
 diffusers adapter (``as_diffusers_scheduler``) inside a real diffusers pipeline.
 
 The schedulers are driven on their own grid: dmlab gets the scheduler's sigmas. Where diffusers ends at its
