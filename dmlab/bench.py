@@ -1,4 +1,4 @@
-"""Measuring speed and quality honestly on shared CPUs (see the notation page, "Measuring speed").
+"""Measuring speed and quality honestly on shared CPUs.
 
 * :func:`time_pair` - time a baseline and a method **interleaved** (B, M, B, M, ...) with one intra-op thread and
   report the **median of the per-pair ratios** with its min and max. Absolute times on a shared 2-core machine
