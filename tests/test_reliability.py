@@ -535,7 +535,7 @@ bad("accelerators", "tiled tile 0", lambda: _acc("tiled")(_gmm(), 0), "tile")
 bad("accelerators", "select_units k negative", lambda: _acc("select_units")({"a": 1.0}, -1), "k")
 bad("accelerators", "dense_early_keys too many", lambda: _acc("dense_early_keys")(10, 20), "n_keys")
 bad("accelerators", "pareto unknown column", lambda: _acc("pareto_front")([{"a": 1}], x="flop_speedup", y="fd"),
-    "flop_speedup", xfail="accelerators owner (lead): rows without the x/y columns give [] silently")
+    "flop_speedup")
 bad("probes", "mle_dimension k 0", lambda: _probe("mle_dimension")(torch.randn(20, 3, generator=_g()), k=0), "k")
 bad("probes", "energy_distance widths", lambda: _probe("energy_distance")(F, F[:, :2]), "dimension|shape|width")
 bad("probes", "tokens_to_grid mismatch", lambda: _probe("tokens_to_grid")(torch.randn(1, 10, 4), 3, 3), "3")

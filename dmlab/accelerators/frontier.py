@@ -216,6 +216,10 @@ def pareto_front(rows: Sequence[dict], x: str = "flop_speedup", y: str = "fd", *
                  larger_y_better: bool = False) -> list[dict]:
     """The rows no other row beats on both ``x`` (larger is better) and ``y`` (smaller is better, or larger with
     ``larger_y_better``, e.g. PSNR), sorted by ``x``; rows with a non-finite ``x`` or ``y`` are ignored."""
+    missing = [k for k in (x, y) if rows and not any(k in r for r in rows)]
+    if missing:
+        raise ValueError(f"no row has the column(s) {missing}; the rows have {sorted(set().union(*rows))}: pass x= "
+                         "and y= naming columns of the rows (e.g. x='flop_speedup', y='psnr')")
     sgn = -1.0 if larger_y_better else 1.0
     pts = [(r[x], sgn * r[y], r) for r in rows if isinstance(r.get(x), (int, float))
            and isinstance(r.get(y), (int, float)) and math.isfinite(r[x]) and math.isfinite(r[y])]
