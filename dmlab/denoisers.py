@@ -139,7 +139,10 @@ class DiscreteVPDenoiser:
     """
 
     def __init__(self, model: Callable, alphas_cumprod: Tensor, prediction_type: str = "epsilon",
-                 *, quantize: bool = False):
+                 *, quantize: bool = False, n_classes: int | None = None):
+        if n_classes is not None and not (isinstance(n_classes, int) and n_classes >= 1):
+            raise ValueError(f"n_classes must be None or the number of class labels the model takes, got {n_classes!r}")
+        self.n_classes = n_classes  # when set, class_labels must lie in [0, n_classes - 1]
         if not callable(model):
             raise TypeError("model must be callable as model(x, timestep=t, **cond)")
         if prediction_type not in PREDICTION_TYPES:
@@ -202,6 +205,12 @@ class DiscreteVPDenoiser:
         dt = self._dtype(x)
         # timesteps stay float32 (or float64) even for half-precision models: fp16 cannot hold 999.5
         t = self.sigma_to_t(sigma).to(device=x.device, dtype=torch.float64 if dt == torch.float64 else torch.float32)
+        y = cond.get("class_labels")
+        if self.n_classes is not None and isinstance(y, Tensor):
+            if y.is_floating_point() or not bool(((y >= 0) & (y < self.n_classes)).all()):
+                raise ValueError(f"class_labels must be integers in [0, {self.n_classes - 1}] for this model (the "
+                                 f"last, {self.n_classes - 1}, is the null class for guidance); got "
+                                 f"{sorted(set(y.flatten().tolist()))[:10]}")
         out = net_output(self.model(x_vp.to(dt), timestep=t, **cond))
         if out.shape[1] == 2 * x.shape[1]:
             out = out[:, : x.shape[1]]

@@ -558,14 +558,11 @@ bad("zoo", "unknown model", lambda: _zoo("load")("unet_nonexistent"), "unknown z
 bad("zoo", "name not a str", lambda: _zoo("load")(42), "name")
 bad("zoo", "info unknown", lambda: _zoo("info")("nope"), "unknown zoo model.*registered: ")
 bad("zoo", "recipe unknown", lambda: _zoo("get_recipe")("nope"), "recipe|registry|unknown")
-bad("zoo", "root as str", lambda: _zoo("names")(root="/nonexistent/zoo"), "root|registry",
-    xfail=ZOO_OWNER + ": item 12, root as str / missing registry")
+bad("zoo", "root as str", lambda: _zoo("names")(root="/nonexistent/zoo"), "root|registry")
 bad("zoo", "DiT class label 11", lambda: _zoo("load_denoiser")("dit_l")[0](torch.zeros(1, 1, 8, 8), 1.0,
-                                                                          class_labels=torch.tensor([11])), "class",
-    xfail=ZOO_OWNER + ": item 7, labels not checked")
+                                                                          class_labels=torch.tensor([11])), "class")
 bad("zoo", "UNet class label -1", lambda: _zoo("load_denoiser")("unet_s")[0](torch.zeros(1, 1, 8, 8), 1.0,
-                                                                            class_labels=torch.tensor([-1])), "class",
-    xfail=ZOO_OWNER + ": item 7, IndexError from the embedding")
+                                                                            class_labels=torch.tensor([-1])), "class")
 
 
 # ----------------------------------------------------------------------------------------------- running a case

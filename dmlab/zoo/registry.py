@@ -13,6 +13,7 @@ __all__ = ["load", "load_denoiser", "names", "info", "get_entry", "registry_tabl
 
 def get_entry(name: str, root: pathlib.Path | None = None) -> dict:
     """The registry entry of ``name`` (not a copy); clear errors for unknown or untrained names."""
+    root = _root(root)
     if not isinstance(name, str):
         raise TypeError(f"a zoo name is a string such as 'unet_l', got {type(name).__name__}")
     reg = read_registry(root)
@@ -24,14 +25,29 @@ def get_entry(name: str, root: pathlib.Path | None = None) -> dict:
     return reg[name]
 
 
+def _root(root) -> pathlib.Path | None:
+    if root is None:
+        return root
+    if isinstance(root, str):
+        root = pathlib.Path(root)
+    if isinstance(root, pathlib.Path):
+        if not (root / "registry.json").is_file():
+            raise ValueError(f"root {root} holds no registry.json; pass the zoo folder (data/zoo of a checkout, or "
+                             "the --out folder of `python -m dmlab.zoo train`), or leave root=None")
+        return root
+    raise TypeError(f"root must be a folder path (str or pathlib.Path) holding registry.json, got {type(root).__name__}")
+
+
 def names(root: pathlib.Path | None = None) -> list[str]:
     """Names of the registered models."""
+    root = _root(root)
     return sorted(read_registry(root))
 
 
 def info(name: str, root: pathlib.Path | None = None) -> dict:
     """The registry entry of ``name``: recipe, config hash, files with sha256, params, FLOPs, training time,
     metrics."""
+    root = _root(root)
     import copy
 
     return copy.deepcopy(get_entry(name, root))
@@ -53,6 +69,7 @@ def load(name: str, *, device: str = "cpu", verify: bool = True, root: pathlib.P
     eval mode, or a ``StableDiffusionPipeline`` (``"sd_tiny"``). Raises ``ValueError`` for an unknown name,
     ``FileNotFoundError`` for a missing file and :class:`ZooIntegrityError` (a ``ValueError``) for a corrupted one.
     """
+    root = _root(root)
     entry = get_entry(name, root)
     if kind_of(entry["kind"]).adapter:
         _check_base(name, entry, root)
@@ -78,6 +95,7 @@ def load_denoiser(name: str, *, device: str = "cpu", verify: bool = True, root: 
     Class-conditional models take ``class_labels`` (10 = null class); for ``sd_tiny`` the network is the pipeline's
     latent UNet, conditioned with ``encoder_hidden_states``.
     """
+    root = _root(root)
     from ..denoisers import DiscreteVPDenoiser
 
     entry = get_entry(name, root)
@@ -89,11 +107,15 @@ def load_denoiser(name: str, *, device: str = "cpu", verify: bool = True, root: 
     from diffusers import DDPMScheduler
 
     sch = DDPMScheduler.from_pretrained((root or zoo_dir()) / name)
-    return DiscreteVPDenoiser.from_scheduler(obj, sch), obj
+    from .recipes import N_CLASSES
+
+    # the digit models take labels 0-9 and the null class 10 (a DiT's embedding table has one more, untrained row)
+    return DiscreteVPDenoiser.from_scheduler(obj, sch, n_classes=N_CLASSES + 1), obj
 
 
 def verify_all(root: pathlib.Path | None = None) -> dict:
     """``{name: "ok" | error message}`` for every registered model."""
+    root = _root(root)
     out = {}
     for name, entry in read_registry(root).items():
         try:
@@ -106,6 +128,7 @@ def verify_all(root: pathlib.Path | None = None) -> dict:
 
 def registry_table(root: pathlib.Path | None = None) -> str:
     """A plain-text table of the registry: params, FLOPs per call, training time and metrics."""
+    root = _root(root)
     lines = [f"{'name':12s} {'params':>9s} {'MFLOPs/call':>11s} {'trained':>12s} {'1-CPU est.':>10s}  metrics"]
     for name, e in sorted(read_registry(root).items()):
         m = ", ".join(f"{k}={v}" for k, v in e.get("metrics", {}).items()
