@@ -352,7 +352,7 @@ def plot_frontiers(frontiers: dict, x: str = "flop_speedup", y: str = "fd", *, t
             if rs:
                 ax.plot([r[x] for r in rs], [r[y] for r in rs], markers[k % 4], color=colour[g], ms=6, ls="",
                         alpha=0.85, label=f"{tag}{g}")
-        front = pareto_front(f.rows, x, y, larger_y_better=(y == "psnr"))
+        front = pareto_front(f.rows, x, y, larger_y_better=(y == "psnr")) if any(y in r for r in f.rows) else []
         ax.plot([r[x] for r in front], [r[y] for r in front], "--", color="k" if k == 0 else "gray", lw=1,
                 label=f"{tag}Pareto front")
     if target is not None:
