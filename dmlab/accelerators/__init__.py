@@ -18,3 +18,22 @@ from .linear_attention import (LinearAttentionConfig, apply_linear_attention, bu
                                distill_linear_attention, linear_attention_for, load_linear_attention)
 from .tiling import seam_score, tiled
 from .frontier import Family, Frontier, Stack, pareto_front
+
+# The curated surface: Config/apply pairs, the Handle they return, the denoiser transformers (T-Stitch, tiling), the
+# trained adapters' entry points and the frontier. Plumbing (patch_forward, resolve_model, CallCounter, sliced_copy,
+# module lists) stays importable here for existing code but lives in dmlab.hooks / dmlab.anatomy and the submodules.
+__all__ = [
+    "Handle",
+    "DeepCacheConfig", "apply_deepcache", "EncoderPropagationConfig", "apply_encoder_propagation",
+    "FeatureCacheConfig", "apply_feature_cache", "FeatureInheritanceConfig", "apply_feature_inheritance",
+    "apply_diffusers_cache", "apply_first_block_cache", "apply_mag_cache", "apply_pab", "apply_taylorseer",
+    "calibrate_mag_ratios",
+    "QuantConfig", "apply_quantization", "calibration_set", "quest_finetune",
+    "LayerPruneConfig", "apply_layer_pruning", "distill_pruned", "prunable_units", "select_units", "unit_scores",
+    "apply_masks", "learn_masks", "threshold_masks",
+    "EarlyExitConfig", "apply_early_exit", "ExitHeads", "build_exit_heads", "train_exit_heads", "load_exit_heads",
+    "LinearAttentionConfig", "apply_linear_attention", "build_linear_attention", "distill_linear_attention",
+    "load_linear_attention", "cost_curve",
+    "tstitch", "TStitch", "tiled", "seam_score",
+    "Testbed", "Family", "Frontier", "Stack", "pareto_front",
+]
