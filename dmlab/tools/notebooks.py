@@ -26,7 +26,7 @@ __all__ = ["badge", "header", "make_notebook", "execute", "check_conventions", "
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAX_BYTES = 1_000_000
 
-SETUP_SOURCE = f'''# Setup: on Colab this installs dmlab; locally and in CI it does nothing but seed and configure.
+SETUP_SOURCE = f'''# Setup: on Colab this installs dmlab; elsewhere it only seeds and configures.
 import sys
 if "google.colab" in sys.modules:
     %pip install -q "dmlab[all] @ git+https://github.com/{REPO}@{BRANCH}"
