@@ -1,7 +1,7 @@
 """Claims: a paper's claim, recorded in the cell that measures it, with its interval and the verdict of one rule.
 
 Every number the paper map shows comes from a :func:`record` call in an executed chapter. The record is displayed in
-the chapter (a short Markdown line) and stored in the notebook as a JSON output of type :data:`MIME`;
+the chapter (a short Markdown line) and stored in the notebook as that output's metadata under the key :data:`MIME`;
 ``python -m dmlab.papermap`` collects them. Nothing in the map is typed by hand.
 
 **The verdict rule.** A claim is compared with its *trivial competitor* at matched cost (the same sampler at fewer
@@ -318,7 +318,8 @@ def record(paper: int, claim: str, *, status: str | None = None, metric: str = "
     if display:
         from IPython.display import display as _display
 
-        _display({MIME: c.to_json(), "text/markdown": c.markdown(), "text/plain": c.markdown()}, raw=True)
+        _display({"text/markdown": c.markdown(), "text/plain": c.markdown()}, metadata={MIME: c.to_json()},
+                 raw=True)
     return c
 
 
@@ -329,7 +330,7 @@ def from_notebook(path) -> list[Claim]:
     out = []
     for cell in nb.get("cells", []):
         for o in cell.get("outputs", []) or []:
-            d = o.get("data", {}).get(MIME)
+            d = (o.get("metadata") or {}).get(MIME)
             if d is not None:
                 if isinstance(d, str):
                     d = json.loads(d)

@@ -117,7 +117,7 @@ def load_records(notebooks="notebooks") -> list[dict]:
             raise ValueError(f"{nb} is not valid JSON ({e}); restore it with git checkout or re-execute it") from e
         for cell in cells:
             for o in cell.get("outputs", []) or []:
-                d = o.get("data", {}).get(MIME)
+                d = (o.get("metadata") or {}).get(MIME)
                 if d is not None:
                     d = dict(json.loads(d) if isinstance(d, str) else d)
                     d["chapter"] = nb.stem

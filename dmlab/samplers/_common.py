@@ -34,7 +34,11 @@ def call(denoiser: Callable, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
 
 
 def report(callback, i, x, sigma, sigma_next, denoised) -> None:
-    """Invoke a callback with the k-diffusion dict ``{i, x, sigma, sigma_next, denoised}``."""
+    """Check the denoiser's output has ``x``'s shape (a broadcastable wrong shape would silently give wrong samples),
+    then invoke a callback with the k-diffusion dict ``{i, x, sigma, sigma_next, denoised}``."""
+    if denoised.shape != x.shape:
+        raise ValueError(f"the denoiser returned shape {tuple(denoised.shape)} for x of shape {tuple(x.shape)}; a "
+                         "Denoiser must return x0_hat with x's shape (see dmlab.denoisers)")
     if callback is not None:
         callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
 
