@@ -17,9 +17,10 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def smooth_gmm():
-    """The smooth test mixture: 2-D, three components with variances 0.2-0.4."""
+    """The smooth test mixture: 2-D, three components with variances 0.2-0.4 (module scope: exact references
+    computed from it can be cached per module)."""
     from dmlab.exact import GMMDenoiser
 
     means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)

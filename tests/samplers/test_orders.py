@@ -18,12 +18,8 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 20.0
 
 
 @pytest.fixture(scope="module")
-def gmm():
-    from dmlab.exact import GMMDenoiser  # the smooth mixture of tests/conftest.py (module scope for the cache)
-
-    means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
-    covs = torch.stack([torch.tensor([[0.3, 0.05], [0.05, 0.2]]), 0.4 * torch.eye(2), 0.25 * torch.eye(2)]).double()
-    return GMMDenoiser(torch.tensor([0.3, 0.3, 0.4]), means, covs)
+def gmm(smooth_gmm):
+    return smooth_gmm  # the smooth mixture of tests/conftest.py
 
 
 @pytest.fixture(scope="module")
