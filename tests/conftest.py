@@ -17,15 +17,25 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
-@pytest.fixture(scope="module")
-def smooth_gmm():
-    """The smooth test mixture: 2-D, three components with variances 0.2-0.4 (module scope: exact references
-    computed from it can be cached per module)."""
+def _smooth_mixture():
+    """The smooth test mixture: 2-D, three components with variances 0.2-0.4."""
     from dmlab.exact import GMMDenoiser
 
     means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], dtype=torch.float64)
     covs = torch.stack([torch.tensor([[0.3, 0.05], [0.05, 0.2]]), 0.4 * torch.eye(2), 0.25 * torch.eye(2)]).double()
     return GMMDenoiser(torch.tensor([0.3, 0.3, 0.4]), means, covs)
+
+
+@pytest.fixture
+def smooth_gmm():
+    """The smooth test mixture, fresh for each test (tests may move it to another device)."""
+    return _smooth_mixture()
+
+
+@pytest.fixture(scope="module")
+def smooth_gmm_module():
+    """The same mixture shared by a module (exact references computed from it are cached per module)."""
+    return _smooth_mixture()
 
 
 @pytest.fixture(scope="module")

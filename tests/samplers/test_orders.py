@@ -18,8 +18,8 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 20.0
 
 
 @pytest.fixture(scope="module")
-def gmm(smooth_gmm):
-    return smooth_gmm  # the smooth mixture of tests/conftest.py
+def gmm(smooth_gmm_module):
+    return smooth_gmm_module  # the smooth mixture of tests/conftest.py
 
 
 @pytest.fixture(scope="module")
