@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/samplers.py            # ~2-4 minutes on a shared 2-core CPU
     OMP_NUM_THREADS=1 python benchmarks/samplers.py --quick    # fewer pairs, samples and search candidates
 
-Table 1 (issue 3 target <= 0.25x): per-step time of each dmlab solver / the diffusers scheduler of the same
+Table 1 (target <= 0.25x): per-step time of each dmlab solver / the diffusers scheduler of the same
 algorithm on a 16x1x8x8 tensor with a model that costs nothing; median of interleaved per-pair ratios, one thread
 (:func:`dmlab.samplers.compare.overhead_table`).
 

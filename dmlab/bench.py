@@ -2,7 +2,7 @@
 
 * :func:`time_pair` - time a baseline and a method **interleaved** (B, M, B, M, ...) with one intra-op thread and
   report the **median of the per-pair ratios** with its min and max. Absolute times on a shared 2-core machine
-  swing by 10x; ratios of neighbouring runs do not (the planning pilots measured ±8 % with one thread).
+  swing by 10x; ratios of neighbouring runs do not (about ±8 % with one thread on this book's 2-core machine).
 * :func:`count_flops` / :func:`flop_ratio` - FLOPs from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
   convolutions and attention; elementwise ops are not counted). FlopCounterMode counts a multiply-add as **2 FLOPs**,
   so MACs = FLOPs / 2 (:func:`macs`). FLOP ratios do not depend on load: tests assert on them, never on wall time.

@@ -160,9 +160,9 @@ def digits_fd_floor(n: int, *, generator: torch.Generator, classifier=None, repe
 def kid(a: Tensor, b: Tensor) -> float:
     """Kernel inception distance: the unbiased squared MMD between feature sets ``a [N, D]`` and ``b [M, D]`` with
     the cubic polynomial kernel ``k(x, y) = (x . y / D + 1)^3`` (Bińkowski et al. 2018, "Demystifying MMD GANs").
-    Unbiased, so it is about 0 for two samples of one distribution at any ``n`` and can be slightly negative; use
-    it with an interval (:func:`dmlab.claims.bootstrap`) and a floor drawn like the samples
-    (:func:`digits_real_like`)."""
+    Unbiased over draws of both sets, so it can be negative; against one fixed reference set it carries that set's
+    offset, so always print it beside a floor drawn like the samples (:func:`digits_real_like`). For an interval
+    bootstrap its per-sample terms (:func:`kid_terms`), not KID itself (resampling duplicates samples and biases it)."""
     a, b = _check_2d(a, "a"), _check_2d(b, "b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feature widths differ: {a.shape[1]} vs {b.shape[1]}")

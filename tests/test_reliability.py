@@ -161,8 +161,6 @@ S10 = schedules.karras(10)
 X = _x()
 NAN = float("nan")
 INF = float("inf")
-SAMPLERS_OWNER = "samplers helper (issue 11 items 2-6)"
-ZOO_OWNER = "train helper (issue 11 items 7, 12, 16)"
 
 # denoisers -------------------------------------------------------------------------------------------------------
 bad("denoisers", "sigma negative", lambda: denoisers.as_sigma(-1.0, X), "non-negative")

@@ -50,7 +50,7 @@ def randn_like(x: Tensor, generator) -> Tensor:
 
 def work_dtype(x: Tensor) -> torch.dtype:
     """The dtype a sampler's update is computed in: float64 for float64 input, float32 otherwise (float16 and
-    bfloat16 states lose the small differences multistep solvers are made of; issue 11)."""
+    bfloat16 states lose the small differences multistep solvers are made of)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 

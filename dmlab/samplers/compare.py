@@ -6,7 +6,7 @@ Used by ``benchmarks/samplers.py`` and chapters 03 and 05.
   call), the quantity compared against :func:`dmlab.exact.reference_ode`; its NFE excludes that last call.
 * :func:`diffusers_state_at_end` - the same for a diffusers scheduler driven by an exact denoiser, evaluated at the
   *scheduler's own* sigma of each step (its timesteps may be rounded; its solver math uses the unrounded sigma,
-  so that is the fair reading, planning notes §5), ending at ``sigma_min`` (``final_sigmas_type="sigma_min"``).
+  so that is the fair reading), ending at ``sigma_min`` (``final_sigmas_type="sigma_min"``).
 * :data:`DIFFUSERS_CONFIGS` - the diffusers configurations tried; :func:`overhead_table` - per-step time of each
   dmlab solver against the diffusers scheduler of the same algorithm (interleaved pairs, median, one thread).
 """

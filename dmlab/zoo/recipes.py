@@ -1,8 +1,8 @@
 """The recipes of the zoo: what each model is and how it is trained (one frozen dataclass each).
 
 All pixel models work on scikit-learn's 8x8 digits in ``[-1, 1]`` (:func:`dmlab.data.load_digits`). 8x8 and not the
-bilinear 16x16: the upsampled images carry no extra information and cost 4x the FLOPs per step (planning pilot on
-this machine, 1 thread, batch 128: UNet (32, 64, 64) 172 ms/step at 8x8 against 570 ms/step at 16x16), which would
+bilinear 16x16: the upsampled images carry no extra information and cost 4x the FLOPs per step (measured on
+a 2-core CPU, 1 thread, batch 128: UNet (32, 64, 64) 172 ms/step at 8x8 against 570 ms/step at 16x16), which would
 cut the affordable training steps by 3x inside the 15-minute recipe budget.
 
 Diffusion models are trained with the DDPM loss (Ho et al. 2020): eps-prediction on a discrete VP schedule
