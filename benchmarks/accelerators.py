@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/accelerators.py                 # every table
     OMP_NUM_THREADS=1 python benchmarks/accelerators.py --only caching  # caching | transformer | tstitch | peer
 
-Protocol (:class:`dmlab.accelerators.Protocol`): same weights, sampler (Euler = DDIM with eta 0 on the model's
+Testbed (:class:`dmlab.accelerators.Testbed`): same weights, sampler (Euler = DDIM with eta 0 on the model's
 discrete timesteps), steps, noise and labels for the baseline and every method; FLOP ratio from FlopCounterMode;
 wall-time ratio from interleaved 1-thread pairs (median [min-max]); PSNR to the baseline sample from the same noise;
 digits-FD against the test digits, with its real-vs-real floor at the same n; class accuracy. Every table has the
@@ -27,12 +27,12 @@ from dmlab import bench, metrics, zoo  # noqa: E402
 from dmlab.zoo.evaluate import balanced_labels  # noqa: E402
 
 
-def header(title: str, p: acc.Protocol, floor: float) -> None:
+def header(title: str, p: acc.Testbed, floor: float) -> None:
     print(f"\n=== {title}\n    {len(p.labels)} samples, {p.n_steps} Euler (DDIM) steps, digits-FD floor at this n: "
           f"{floor:.2f}; wall = interleaved 1-thread pairs, median [min-max]")
 
 
-def finish(p: acc.Protocol, matched: list[float], time_rows: bool, pairs: int) -> None:
+def finish(p: acc.Testbed, matched: list[float], time_rows: bool, pairs: int) -> None:
     done = set()
     for s in matched:
         k = bench.matched_steps(p.n_steps, s)
@@ -47,11 +47,11 @@ def finish(p: acc.Protocol, matched: list[float], time_rows: bool, pairs: int) -
 
 def caching(args, gen, clf, floor):
     den, unet = zoo.load_denoiser("unet_l")
-    p = acc.Protocol(den, unet, balanced_labels(args.n // 10), generator=gen, n_steps=args.steps,
+    p = acc.Testbed(den, unet, balanced_labels(args.n // 10), generator=gen, n_steps=args.steps,
                      classifier=clf, title="feature caching on unet_l")
     header("Feature caching on unet_l (UNet2DModel, 32-64-64, 2 layers per block)", p, floor)
     p.measure("baseline", group="baseline")
-    keys = acc.dense_early_keys(args.steps, args.steps // 2)
+    keys = acc.caching.dense_early_keys(args.steps, args.steps // 2)
     configs = [
         ("DeepCache I=2", lambda m: acc.apply_deepcache(m, acc.DeepCacheConfig(2))),
         ("DeepCache I=3", lambda m: acc.apply_deepcache(m, acc.DeepCacheConfig(3))),
@@ -77,7 +77,7 @@ def caching(args, gen, clf, floor):
 
 def transformer(args, gen, clf, floor):
     den, dit = zoo.load_denoiser("dit_l")
-    p = acc.Protocol(den, dit, balanced_labels(args.n // 10), generator=gen, n_steps=args.steps,
+    p = acc.Testbed(den, dit, balanced_labels(args.n // 10), generator=gen, n_steps=args.steps,
                      classifier=clf, title="transformer caches on dit_l")
     header("Transformer caches on dit_l (DiTTransformer2DModel, 6 blocks)", p, floor)
     p.measure("baseline", group="baseline")
@@ -105,7 +105,7 @@ def tstitch(args, gen, clf, floor):
     for small, large in (("unet_s", "unet_l"), ("dit_s", "dit_l")):
         ds, ms = zoo.load_denoiser(small)
         dl, ml = zoo.load_denoiser(large)
-        p = acc.Protocol(dl, ml, balanced_labels(args.n // 10), generator=gen, n_steps=args.steps,
+        p = acc.Testbed(dl, ml, balanced_labels(args.n // 10), generator=gen, n_steps=args.steps,
                          classifier=clf, title=f"T-Stitch {small} -> {large}", others=((ds, ms),))
         header(f"T-Stitch: {small} for the first fraction r of the steps, then {large}", p, floor)
         p.measure(f"{large} only (r=0)", group="T-Stitch")

@@ -108,7 +108,7 @@ def quantization(args, gen, clf) -> None:
           " (fake quantization is slower than float on a CPU)")
     print(bench.format_table(b.rows, ["configuration", "bits", "MB", "psnr", "fd", "acc"], digits=2))
     print(f"    temporal-feature cache (paper 42) for {args.steps} steps: "
-          f"{acc.temporal_cache_bytes(b.net, args.steps) / 1e6:.2f} MB")
+          f"{acc.quantization.temporal_cache_bytes(b.net, args.steps) / 1e6:.2f} MB")
 
 
 def pruning(args, gen, clf) -> None:
@@ -154,7 +154,7 @@ def pruning(args, gen, clf) -> None:
         masks = acc.threshold_masks(sc, sites, 0.2)
         with acc.apply_masks(b.net, masks) as h:
             r = b.row(f"EcoDiff masks, 20% of head/FFN params, {obj} objective", b.sample(),
-                      flop_speedup=f0 / flops(acc.sliced_copy(b.net, masks)), MParams=(p0 - h.stats["params_off"]) / 1e6)
+                      flop_speedup=f0 / flops(acc.pruning_masks.sliced_copy(b.net, masks)), MParams=(p0 - h.stats["params_off"]) / 1e6)
     fewer(r["flop_speedup"])
     floor = metrics.digits_fd_floor(args.n, generator=gen, classifier=clf, repeats=3)
     print(f"\n=== Pruning of dit_l: {args.n} samples, {args.steps} DDIM steps; digits-FD floor {floor:.2f}")

@@ -511,31 +511,34 @@ bad("samplers", "denoiser not callable", lambda: _sampler("sample_euler")("D", X
 
 # accelerators, probes (read-only) --------------------------------------------------------------------------------
 def _acc(name):
-    from dmlab import accelerators
+    """A public accelerator name, or a helper from its home module ("caching.dense_early_keys")."""
+    import importlib
 
-    return getattr(accelerators, name)
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module("dmlab.accelerators" + ("." + module if module else "")), attr)
 
 
 def _probe(name):
-    from dmlab import probes
+    import importlib
 
-    return getattr(probes, name)
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module("dmlab.probes" + ("." + module if module else "")), attr)
 
 
 bad("accelerators", "tstitch fraction 1.5", lambda: _acc("tstitch")(_gmm(), _gmm(), S10, 1.5), "fraction")
 bad("accelerators", "tstitch first", lambda: _acc("tstitch")(_gmm(), _gmm(), S10, 0.4, first="big"), "first")
-bad("accelerators", "matched model missing", lambda: _acc("count_calls")(42), "model")
+bad("accelerators", "matched model missing", lambda: __import__("dmlab.hooks").hooks.count_calls(42), "model")
 bad("accelerators", "DeepCache interval 0", lambda: _acc("DeepCacheConfig")(interval=0), "interval")
 bad("accelerators", "QuantConfig 3 bits", lambda: _acc("QuantConfig")(weight_bits=0), "bits")
 bad("accelerators", "tiled tile 0", lambda: _acc("tiled")(_gmm(), 0), "tile")
 bad("accelerators", "select_units k negative", lambda: _acc("select_units")({"a": 1.0}, -1), "k")
-bad("accelerators", "dense_early_keys too many", lambda: _acc("dense_early_keys")(10, 20), "n_keys")
+bad("accelerators", "dense_early_keys too many", lambda: _acc("caching.dense_early_keys")(10, 20), "n_keys")
 bad("accelerators", "pareto unknown column", lambda: _acc("pareto_front")([{"a": 1}], x="flop_speedup", y="fd"),
     "flop_speedup")
 bad("probes", "mle_dimension k 0", lambda: _probe("mle_dimension")(torch.randn(20, 3, generator=_g()), k=0), "k")
 bad("probes", "energy_distance widths", lambda: _probe("energy_distance")(F, F[:, :2]), "dimension|shape|width")
-bad("probes", "tokens_to_grid mismatch", lambda: _probe("tokens_to_grid")(torch.randn(1, 10, 4), 3, 3), "3")
-bad("probes", "label_conds 0 classes", lambda: _probe("label_conds")(0), "n_classes")
+bad("probes", "tokens_to_grid mismatch", lambda: _probe("capture.tokens_to_grid")(torch.randn(1, 10, 4), 3, 3), "3")
+bad("probes", "label_conds 0 classes", lambda: _probe("classifier.label_conds")(0), "n_classes")
 bad("probes", "classifier_sigmas n 0", lambda: _probe("classifier_sigmas")(n=0), "n")
 bad("probes", "divergence method", lambda: _probe("divergence")(X, X, method="magic"), "method")
 bad("probes", "score_of non-callable", lambda: _probe("score_of")("D"), "callable")

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .. import bench, samplers, schedules
 
-__all__ = ["Testbed", "Protocol"]
+__all__ = ["Testbed"]
 
 
 class Testbed:
@@ -118,4 +118,3 @@ class Testbed:
         return self.measure(name or f"same sampler, {k} steps (matched FLOPs)", sigmas=self.schedule(k), **kw)
 
 
-Protocol = Testbed  # the former name, kept for the chapters that call ``acc.Protocol`` (15, 16)

@@ -13,27 +13,28 @@
 
 All of these import torch only.
 """
-from .capture import Capture, capture, extract_features, tokens_to_grid, vit_features
-from .classifier import (ClassConditional, ClassifierResult, classifier_sigmas, diffusion_classify, label_conds,
-                         linear_probe, pooled_features, probe_grid, prune_table)
-from .correspondence import co_pca, fuse, grid_keypoints, l2_normalize, layer_descriptor, load_spair, match_points, warp_pck
+from .capture import Capture, capture, extract_features, vit_features
+from .classifier import (ClassConditional, ClassifierResult, classifier_sigmas, diffusion_classify, linear_probe,
+                         probe_grid)
+from .correspondence import fuse, load_spair, match_points, warp_pck
 from .density import gaussian_log_prior, ito_log_density, sample_reverse_sde, superpose
 from .fields import add_field, divergence, energy_distance, jacobian, score_of
-from .fokker_planck import fp_regulariser, log_fp_residual, ode_sde_gap, score_fp_residual
+from .fokker_planck import fp_regulariser, ode_sde_gap, score_fp_residual
 from .gauge import helmholtz_split, intrinsic_dimension, jacobian_asymmetry, mle_dimension, skew_gauge
-from .drift import DriftReport, adjacent_mse, feature_drift, fnorm_curve, relative_change, trajectory_features, unet_blocks
-from .subspace import (LowRankDenoiser, generalisation, lowrank_denoise, molrg, sample_per_subspace, subspace_clustering,
+from .drift import DriftReport, feature_drift
+from .subspace import (LowRankDenoiser, generalisation, molrg, sample_per_subspace, subspace_clustering,
                        subspace_distance, train_lowrank_dae)
 
-__all__ = ["Capture", "capture", "extract_features", "tokens_to_grid", "vit_features",
+# The paper entry points and the fields they are built from; helpers (tokens_to_grid, l2_normalize, co_pca,
+# adjacent_mse, pooled_features, label_conds, lowrank_denoise, log_fp_residual, ...) stay in their submodules.
+__all__ = ["Capture", "capture", "extract_features", "vit_features",
            "gaussian_log_prior", "ito_log_density", "sample_reverse_sde", "superpose",
            "add_field", "divergence", "energy_distance", "jacobian", "score_of",
-           "fp_regulariser", "log_fp_residual", "ode_sde_gap", "score_fp_residual",
+           "fp_regulariser", "ode_sde_gap", "score_fp_residual",
            "helmholtz_split", "intrinsic_dimension", "jacobian_asymmetry", "mle_dimension", "skew_gauge",
-           "LowRankDenoiser", "generalisation", "lowrank_denoise", "molrg", "sample_per_subspace", "subspace_clustering",
+           "LowRankDenoiser", "generalisation", "molrg", "sample_per_subspace", "subspace_clustering",
            "subspace_distance", "train_lowrank_dae",
-           "ClassConditional", "ClassifierResult", "classifier_sigmas", "diffusion_classify", "label_conds", "linear_probe",
-           "pooled_features", "probe_grid", "prune_table",
-           "co_pca", "fuse", "grid_keypoints", "l2_normalize", "layer_descriptor", "load_spair", "match_points", "warp_pck",
-           "DriftReport", "adjacent_mse", "feature_drift", "fnorm_curve", "relative_change", "trajectory_features",
-           "unet_blocks"]
+           "ClassConditional", "ClassifierResult", "classifier_sigmas", "diffusion_classify", "linear_probe",
+           "probe_grid",
+           "fuse", "load_spair", "match_points", "warp_pck",
+           "DriftReport", "feature_drift"]

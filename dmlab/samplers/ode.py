@@ -12,6 +12,8 @@ from torch import Tensor
 
 from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
 
+__all__ = ["sample_euler", "sample_heun"]
+
 
 @torch.no_grad()
 def sample_euler(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,

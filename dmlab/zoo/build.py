@@ -13,6 +13,8 @@ from .kinds import kind_of
 from .recipes import get_recipe
 from .store import base_fingerprint, file_table, read_registry, write_registry, zoo_dir
 
+__all__ = ["train_and_save", "register"]
+
 
 def train_and_save(name: str, *, device: str = "cpu", resume: bool = True, root: pathlib.Path | None = None,
                    progress: bool = True) -> pathlib.Path:

@@ -6,6 +6,16 @@ from torch import Tensor
 
 from .recipes import NULL_CLASS
 
+__all__ = [
+    "balanced_labels",
+    "sample_digits",
+    "sample_digits_sharded",
+    "flops_per_call",
+    "measure_digits_model",
+    "measure_classifier",
+    "cpu_seconds_per_step",
+]
+
 DEFAULT_STEPS = 25  # Heun: 2 * 25 - 1 = 49 model calls, the "50-NFE" budget of the quality bar
 
 

@@ -26,6 +26,17 @@ from torch import nn
 
 from .recipes import MAX_LENGTH, SD_SCHEDULE, TEMPLATES, Recipe
 
+__all__ = [
+    "prompt",
+    "write_tokenizer",
+    "build_parts",
+    "train_pipeline",
+    "save_pipeline",
+    "generate",
+    "measure_pipeline",
+    "pipeline_cost",
+]
+
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<unk>"
 

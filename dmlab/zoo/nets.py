@@ -8,6 +8,8 @@ from torch import Tensor, nn
 
 from .recipes import N_CLASSES, Recipe
 
+__all__ = ["DigitClassifier", "model_class", "build_model"]
+
 
 class DigitClassifier(nn.Module):
     """A small CNN for 8x8 digits in ``[-1, 1]``: three 3x3 conv stages (GroupNorm, SiLU, 2x2 max-pool after the

@@ -17,6 +17,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+__all__ = ["TrainConfig", "Recipe", "classifier_rows", "get_recipe"]
+
 N_CLASSES = 10
 NULL_CLASS = N_CLASSES  # the extra class id that means "no label" (classifier-free guidance)
 

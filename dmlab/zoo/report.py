@@ -8,6 +8,8 @@ from torch import Tensor
 
 from .evaluate import DEFAULT_STEPS, balanced_labels, sample_digits
 
+__all__ = ["quality_table", "plot_sample_panels", "final_losses", "training_curve", "plot_training_curves"]
+
 
 def quality_table(names, *, n_per_class: int, generator: torch.Generator, n_steps: int = DEFAULT_STEPS,
                   guidance: float = 1.0, classifier=None) -> tuple[dict, dict]:

@@ -20,6 +20,20 @@ import pathlib
 
 from .._meta import BRANCH, REPO
 
+__all__ = [
+    "ZooIntegrityError",
+    "checkout_zoo_dir",
+    "cache_dir",
+    "zoo_dir",
+    "raw_url",
+    "sha256",
+    "read_registry",
+    "write_registry",
+    "base_fingerprint",
+    "file_table",
+    "fetch",
+]
+
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[2]
 REGISTRY_NAME = "registry.json"
 

@@ -22,6 +22,18 @@ from torch import Tensor, nn
 
 from .recipes import NULL_CLASS, SCHEDULER_CONFIG, Recipe
 
+__all__ = [
+    "fit_config",
+    "run_dir",
+    "classifier_batch",
+    "classifier_loss",
+    "diffusion_batch",
+    "diffusion_loss",
+    "training_alphas_cumprod",
+    "train",
+    "save_model",
+]
+
 
 def fit_config(recipe: Recipe, *, progress: bool = True, steps: int | None = None, lr: float | None = None,
                ema: bool = True) -> "FitConfig":

@@ -6,8 +6,9 @@ import torch
 from dmlab import samplers, schedules
 from dmlab.accelerators import (DeepCacheConfig, EncoderPropagationConfig, FeatureCacheConfig, FeatureInheritanceConfig,
                                 apply_deepcache, apply_encoder_propagation, apply_feature_cache,
-                                apply_feature_inheritance, count_calls, deepcache_modules, dense_early_keys,
-                                granularity_of)
+                                apply_feature_inheritance)
+from dmlab.accelerators.caching import deepcache_modules, dense_early_keys, granularity_of
+from dmlab.hooks import count_calls
 from dmlab.accelerators.handle import active_methods
 from dmlab.bench import count_flops
 from dmlab.denoisers import DiscreteVPDenoiser

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dmlab import samplers, schedules
-from dmlab.accelerators import count_calls
+from dmlab.hooks import count_calls
 from dmlab.accelerators.early_exit import (EarlyExitConfig, ExitHeads, apply_early_exit, block_outputs,
                                            exit_heads_for, load_exit_heads, save_exit_heads, train_exit_heads)
 from dmlab.bench import count_flops

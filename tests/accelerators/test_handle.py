@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dmlab import samplers, schedules
-from dmlab.accelerators import Handle, count_calls, patch_forward, resolve_model
+from dmlab.accelerators import Handle
+from dmlab.hooks import count_calls, patch_forward, resolve_model
 from dmlab.accelerators.handle import CallCounter, claim
 from dmlab.denoisers import DiscreteVPDenoiser
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dmlab import schedules
-from dmlab.accelerators import DeepCacheConfig, Protocol, apply_deepcache, denoising_error, tstitch
+from dmlab.accelerators import DeepCacheConfig, Testbed, apply_deepcache, tstitch
+from dmlab.accelerators.tstitch import denoising_error
 from dmlab.bench import count_flops
 from dmlab.denoisers import DiscreteVPDenoiser
 
@@ -15,7 +16,7 @@ from acc_models import AC, unet2d
 def proto():
     small, large = unet2d((8, 16, 16), seed=1), unet2d((16, 32, 32), seed=2)
     ds, dl = DiscreteVPDenoiser(small, AC), DiscreteVPDenoiser(large, AC)
-    p = Protocol(dl, large, torch.tensor([1, 4, 7]), generator=torch.Generator().manual_seed(0), n_steps=6,
+    p = Testbed(dl, large, torch.tensor([1, 4, 7]), generator=torch.Generator().manual_seed(0), n_steps=6,
                  others=((ds, small),))
     return p, ds, dl
 
@@ -56,7 +57,7 @@ def test_protocol_measures_early_exit():
 
     net = dit()
     den = DiscreteVPDenoiser(net, AC)
-    p = Protocol(den, net, torch.tensor([1, 4]), generator=torch.Generator().manual_seed(0), n_steps=3)
+    p = Testbed(den, net, torch.tensor([1, 4]), generator=torch.Generator().manual_seed(0), n_steps=3)
     heads = exit_heads_for(net)
     for u in heads.uems:  # every sample leaves after block 2 of 4
         torch.nn.init.zeros_(u.linear.weight)

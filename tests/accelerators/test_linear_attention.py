@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dmlab import samplers, schedules
-from dmlab.accelerators import count_calls
+from dmlab.hooks import count_calls
 from dmlab.accelerators.early_exit import EarlyExitConfig, apply_early_exit, exit_heads_for
 from dmlab.accelerators.linear_attention import (GeneralizedLinearAttention, LinearAttentionConfig,
                                                  apply_linear_attention, cost_curve, distill_linear_attention,

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmlab import samplers, schedules
-from dmlab.accelerators import DeepCacheConfig, apply_deepcache, count_calls
+from dmlab.accelerators import DeepCacheConfig, apply_deepcache
+from dmlab.hooks import count_calls
 from dmlab.accelerators.quant_calibration import CalibrationSet, calibration_set
 from dmlab.accelerators.quantization import (QuantConfig, apply_quantization, model_bytes, temporal_cache_bytes,
                                              temporal_layers)

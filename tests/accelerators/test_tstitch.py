@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from dmlab import samplers, schedules
-from dmlab.accelerators import TStitch, switch_sigma, tstitch
+from dmlab.accelerators import TStitch, tstitch
+from dmlab.accelerators.tstitch import switch_sigma
 from dmlab.bench import count_flops
 from dmlab.denoisers import DiscreteVPDenoiser
 

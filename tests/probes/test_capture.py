@@ -4,7 +4,8 @@ import torch
 
 from dmlab import schedules
 from dmlab.denoisers import DiscreteVPDenoiser
-from dmlab.probes import capture, extract_features, tokens_to_grid, vit_features
+from dmlab.probes import capture, extract_features, vit_features
+from dmlab.probes.capture import tokens_to_grid
 
 AC = torch.cumprod(1 - schedules.betas_for(1000), 0)
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dmlab.exact import GaussianDenoiser, GMMDenoiser
-from dmlab.probes import fp_regulariser, log_fp_residual, ode_sde_gap, score_fp_residual, score_of
+from dmlab.probes import fp_regulariser, ode_sde_gap, score_fp_residual, score_of
+from dmlab.probes.fokker_planck import log_fp_residual
 from dmlab.zoo.toy import log_density, toy_denoiser, train_toy
 
 

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from dmlab.exact import EmpiricalDenoiser
-from dmlab.probes import (LowRankDenoiser, generalisation, lowrank_denoise, molrg, sample_per_subspace,
+from dmlab.probes import (LowRankDenoiser, generalisation, molrg, sample_per_subspace,
                           subspace_clustering,
                           subspace_distance, train_lowrank_dae)
+from dmlab.probes.subspace import lowrank_denoise
 
 
 def test_lowrank_denoiser_is_the_exact_posterior_mean(gen):
