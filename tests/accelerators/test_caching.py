@@ -1,3 +1,4 @@
+import copy
 import types
 
 import pytest
@@ -297,3 +298,59 @@ def test_flop_accountant_matches_count_flops(tiny_unet, gen):
             pass
     with pytest.raises(RuntimeError, match="outside the networks"):
         FlopAccountant(tiny_unet).profile(lambda: torch.ones(2, 2) @ torch.ones(2, 2))
+
+
+def _attn_unet2d():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(1)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=2,
+                       down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
+                       num_class_embeds=11, norm_num_groups=8, attention_head_dim=8).eval()
+
+
+def _zoo_unet():
+    from dmlab import zoo
+
+    return zoo.load_denoiser("unet_l")[1].eval()
+
+
+@pytest.mark.parametrize("make", ["tiny", "attn", "zoo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_deepcache_direct_shallow_branch_is_bit_identical_to_the_patched_route(tiny_unet, make, dtype):
+    unet = {"tiny": lambda: tiny_unet, "attn": _attn_unet2d, "zoo": _zoo_unet}[make]()
+    unet = copy.deepcopy(unet).to(dtype) if dtype != torch.float32 else unet  # never cast a shared fixture
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1, 8, 8, generator=g).to(dtype)
+    y = torch.tensor([0, 3, 7])
+
+    @torch.no_grad()
+    def run():  # every output of a 12-step trajectory, both return styles
+        z, outs = x, []
+        for i, t in enumerate(torch.linspace(990, 10, 12).round().long()):
+            o = unet(z, t, class_labels=y).sample if i % 2 else unet(z, int(t), y, False)[0]
+            outs.append(o)
+            z = z - 0.05 * o
+        return torch.stack(outs)
+
+    base = run()
+    assert base.dtype == dtype and torch.isfinite(base).all()
+    for interval in (2, 3, 5):
+        with apply_deepcache(unet, DeepCacheConfig(interval), shortcut=False) as ref_h:
+            ref = run()
+        with apply_deepcache(unet, DeepCacheConfig(interval)) as h:
+            out = run()
+            assert torch.equal(run(), out)  # a second trajectory starts fresh
+        assert h.stats["shortcut"] and not ref_h.stats["shortcut"]
+        assert torch.equal(out, ref) and not torch.equal(out, base)
+        assert h.stats["cache_hits"] == 2 * ref_h.stats["cache_hits"] > 0
+        assert torch.equal(run(), base)
+
+
+def test_deepcache_shortcut_applies_only_where_it_is_exact(tiny_unet, tiny_cond_unet):
+    with apply_deepcache(tiny_unet, DeepCacheConfig(3, branch=1)) as h:
+        assert not h.stats["shortcut"]  # deeper branches take the patched route
+    with apply_deepcache(tiny_cond_unet, DeepCacheConfig(3)) as h:
+        assert not h.stats["shortcut"]
+    with apply_deepcache(tiny_unet, DeepCacheConfig(3)) as h:
+        assert h.stats["shortcut"]
