@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     _, gen = dmlab.setup(seed=0)
     torch.set_num_threads(1)
     den, unet = zoo.load_denoiser("unet_l")
-    p = acc.Protocol(den, unet, balanced_labels(a.n // 10), generator=gen, n_steps=a.steps, title="DeepCache routes")
+    p = acc.Testbed(den, unet, balanced_labels(a.n // 10), generator=gen, n_steps=a.steps, title="DeepCache routes")
     p.measure("baseline")
     ratios: dict = {}
     for rep in range(a.repeats):
