@@ -109,11 +109,20 @@ class Stepper:
 
     What :func:`run_plan` does in a loop, exposed for schedulers that receive the model output from outside
     (the diffusers adapter). ``x_i`` must be the state the plan produced (the adapter passes the pipeline's own).
+    ``start``: the first step to take (a plan built with the builders' ``start``, whose steps from there on use
+    nothing earlier).
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, start: int = 0):
+        if not 0 <= start < plan.n_steps:
+            raise ValueError(f"start must be a step index in [0, {plan.n_steps - 1}], got {start}")
+        for i in range(start, plan.n_steps):
+            for upd in (plan.advance[i], plan.correct[i]):
+                if upd is not None and any(j < start for _, j, _ in upd.terms):
+                    raise ValueError(f"step {i} of plan {plan.name!r} uses values from before step {start}; build the "
+                                     f"plan with start={start}")
         self.plan = plan
-        self.i = 0
+        self.i = start
         self.hist = {"x": {}, "d": {}, "e": {}}
 
     def step(self, x: Tensor, denoised: Tensor) -> tuple[Tensor, Tensor]:

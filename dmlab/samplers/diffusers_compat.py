@@ -48,8 +48,9 @@ def _solvers() -> tuple:
 SOLVERS = _solvers()
 
 
-def build_plan(solver: str, sigmas: list, options: dict):
-    """The :class:`~dmlab.samplers._plan.Plan` of a named solver on ``sigmas`` (a list ending in 0)."""
+def build_plan(solver: str, sigmas: list, options: dict, start: int = 0):
+    """The :class:`~dmlab.samplers._plan.Plan` of a named solver on ``sigmas`` (a list ending in 0), first taking step
+    ``start`` (the order lowered after it as diffusers' schedulers do: ``exponential.restart_orders``)."""
     if solver == "spec":
         from .search import SolverSpec
 
@@ -64,7 +65,7 @@ def build_plan(solver: str, sigmas: list, options: dict):
     if clash:
         raise ValueError(f"solver {solver!r} fixes {sorted(clash)}; use 'dpm_solver_multistep' to choose them")
     try:
-        return builder(sigmas, **fixed, **options)
+        return builder(sigmas, **fixed, **options, **({"start": start} if start else {}))
     except TypeError as e:
         raise ValueError(f"bad options {options} for solver {solver!r}: {e}") from None
 
@@ -189,12 +190,16 @@ def _scheduler_class():
                 raise ValueError("dmlab solvers here are deterministic: use eta=0 (or dmlab.samplers.sample_ddpm)")
             if self._step_index is None:
                 k = self._begin_index if self._begin_index is not None else self._index_of(timestep)
-                # starting mid-schedule (img2img): the solver starts afresh (warm-up included) from sigmas[k]
+                if not 0 <= k < self.num_inference_steps:
+                    raise ValueError(f"begin index {k} is outside the {self.num_inference_steps} steps; call "
+                                     f"set_begin_index(k) with 0 <= k < {self.num_inference_steps}")
+                # starting mid-schedule (img2img): the warm-up restarts at sigmas[k] and the order is lowered where
+                # fewer outputs exist, as diffusers' schedulers do (the final-step rules count the whole schedule)
                 if k and self.config.solver == "spec":
                     raise ValueError("a searched SolverSpec runs its whole schedule; it cannot start mid-way")
-                plan = self._plan if k == 0 else build_plan(self.config.solver, self.sigmas[k:].tolist(),
-                                                             dict(self.config.options or {}))
-                self._step_index, self._stepper = k, Stepper(plan)
+                plan = self._plan if k == 0 else build_plan(self.config.solver, self.sigmas.tolist(),
+                                                             dict(self.config.options or {}), start=k)
+                self._step_index, self._stepper = k, Stepper(plan, start=k)
             i = self._step_index
             s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
             dtype = sample.dtype

@@ -224,3 +224,65 @@ def test_sigma_min_rule_on_an_exact_denoiser(smooth_gmm, cls_name, cfg, solver, 
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     other = state_at_end(solver, smooth_gmm, noise * (1 + s[0] ** 2).sqrt(), s, **kw)
     assert (other - ref).abs().max() > 1e-3  # the default rule lowers a different step
+
+
+# ------------------------------------------------------------------------------- the adapter started mid-schedule
+def _img2img(sch, unet, x0, noise, n, strength, sigmas=None, end=None):
+    """What diffusers' img2img pipelines do: ``set_begin_index(t_start)``, noise the image to ``timesteps[t_start]``
+    and step to the end (``end``: the number of steps to take, default all)."""
+    if sigmas is None:
+        sch.set_timesteps(n)
+    else:
+        sch.set_timesteps(sigmas=sigmas)
+    t_start = int(max(n - min(n * strength, n), 0))
+    sch.set_begin_index(t_start)
+    x = sch.add_noise(x0, noise, sch.timesteps[t_start:t_start + 1])
+    with torch.no_grad():
+        for t in sch.timesteps[t_start:end]:
+            x = sch.step(unet(sch.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "dpm_solver_multistep", "dpm_solver", "unipc", "deis",
+                                    "ddim", "euler"])
+@pytest.mark.parametrize("k", [7, 8, 9])
+def test_adapter_begin_index_with_fewer_steps_than_the_order(solver, k):
+    """The issue's reproducer: 10 steps, ``set_begin_index(k)`` with 1-3 left; the order is lowered, not refused."""
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    sch = as_diffusers_scheduler(solver)
+    sch.set_timesteps(10)
+    sch.set_begin_index(k)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    for t in sch.timesteps[k:]:
+        x = sch.step(0.1 * x, t, x).prev_sample
+    assert torch.isfinite(x).all() and sch.step_index == 10
+    assert all(p <= i - k + 1 for i, p in enumerate(sch._stepper.plan.orders) if i >= k)
+    with pytest.raises(ValueError, match="begin index"):
+        sch.set_timesteps(10)
+        sch.set_begin_index(10)
+        sch.step(x, sch.timesteps[-1], x)
+
+
+@pytest.mark.parametrize("solver, options, cls_name, cfg", [
+    ("dpmpp_2m", {}, "DPMSolverMultistepScheduler", {}),
+    ("dpm_solver_multistep", {"solver_type": "heun"}, "DPMSolverMultistepScheduler", {"solver_type": "heun"}),
+    ("dpmpp_3m", {"variant": "diffusers"}, "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    ("dpm_solver", {"prediction": "data"}, "DPMSolverSinglestepScheduler", {"solver_order": 3}),
+    ("unipc", {}, "UniPCMultistepScheduler", {}),
+    ("deis", {}, "DEISMultistepScheduler", {"solver_order": 3}),
+], ids=["dpmpp_2m", "dpm_solver_multistep_heun", "dpmpp_3m", "dpm_solver_data", "unipc", "deis"])
+@pytest.mark.parametrize("strength", [0.05, 0.1, 0.15, 0.5])
+def test_adapter_img2img_matches_diffusers(unet, solver, options, cls_name, cfg, strength):
+    """An img2img loop (20 steps) with the adapter equals the same loop with diffusers' scheduler of the same
+    algorithm on the same grid: the same order lowering after ``set_begin_index`` (1e-5). diffusers' DEIS stops at
+    the smallest training sigma: the adapter, which goes on to 0, is compared there."""
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    ref_sch = make(cls_name, prediction_type="v_prediction", **cfg)
+    ref = _img2img(ref_sch, unet, x0, noise, 20, strength)
+    ours_sch = as_diffusers_scheduler(solver, ref_sch, **options)
+    out = _img2img(ours_sch, unet, x0, noise, 20, strength, sigmas=zero_end(ref_sch), end=len(ref_sch.timesteps))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
