@@ -30,6 +30,7 @@ from ._plan import Stepper
 __all__ = ["as_diffusers_scheduler", "SOLVERS", "SCHEDULES", "build_plan"]
 
 SCHEDULES = ("karras", "log_uniform", "discrete")
+SPACINGS = ("linspace", "leading", "trailing")
 
 
 def _builders() -> dict:
@@ -92,18 +93,18 @@ def _scheduler_class():
                      beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
                      solver: str = "dpmpp_2m", options: dict | None = None, schedule: str = "karras",
                      sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
-                     timestep_spacing: str = "linspace", steps_offset: int = 0):
+                     timestep_spacing: str = "linspace", steps_offset: int = 0,
+                     rescale_betas_zero_snr: bool = False):
             from ..denoisers import PREDICTION_TYPES
 
             if prediction_type not in PREDICTION_TYPES:
                 raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
             if schedule not in SCHEDULES:
                 raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
-            if trained_betas is not None:
-                betas = torch.as_tensor(trained_betas, dtype=torch.float32)
-            else:
-                betas = schedules.betas_for(num_train_timesteps, beta_start, beta_end, beta_schedule)
-            self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+            if timestep_spacing not in SPACINGS:
+                raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; use one of {SPACINGS}")
+            self.alphas_cumprod = schedules.vp_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                              trained_betas, rescale_betas_zero_snr)
             self.sigmas_train = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)
             build_plan(solver, schedules.karras(8, 0.1, 10.0).tolist(), dict(options or {}))  # validate now
             self.init_noise_sigma = 1.0
@@ -113,6 +114,16 @@ def _scheduler_class():
             self._step_index = None
             self._begin_index = None
             self._stepper = None
+
+        @classmethod
+        def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+            """diffusers' ``from_config``, refusing configs whose noise schedule is not a discrete DDPM one
+            (flow matching, EDM) instead of reading them as the default betas; the betas, ``trained_betas``,
+            ``rescale_betas_zero_snr``, ``timestep_spacing`` and ``steps_offset`` of another scheduler's config are
+            kept."""
+            schedules.vp_config(config)
+            schedules.vp_config(kwargs)
+            return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
         # ---------------------------------------------------------------------------------- schedule
         def dmlab_sigmas(self, num_inference_steps: int) -> Tensor:
@@ -229,28 +240,34 @@ def _scheduler_class():
 
 def as_diffusers_scheduler(solver: str = "dpmpp_2m", scheduler=None, *, schedule: str = "karras",
                            sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
-                           timestep_spacing: str = "linspace", steps_offset: int = 0, **options):
+                           timestep_spacing: str | None = None, steps_offset: int | None = None, **options):
     """A diffusers scheduler that runs the dmlab solver ``solver`` (see the module docstring for the names).
 
     Args:
         solver: the dmlab solver, e.g. ``"dpmpp_3m"`` (with ``variant="taylor"`` by default), ``"unipc"``.
-        scheduler: a diffusers scheduler (or its config) whose betas and ``prediction_type`` to copy, typically
-            ``pipe.scheduler``; without it diffusers' DDPM defaults are used.
+        scheduler: a diffusers scheduler (or its config) whose noise schedule to copy, typically ``pipe.scheduler``:
+            ``num_train_timesteps``, the betas (``beta_*``, ``trained_betas``, ``rescale_betas_zero_snr``),
+            ``prediction_type``, ``timestep_spacing`` and ``steps_offset``; without it diffusers' DDPM defaults are
+            used. Flow-matching and EDM schedulers are refused (:func:`dmlab.schedules.vp_config`).
         schedule: the sigma grid: ``"karras"`` (Karras et al. 2022, between the training sigmas' range unless
             ``sigma_min``/``sigma_max`` are given), ``"log_uniform"`` or ``"discrete"`` (training sigmas at
-            diffusers' ``timestep_spacing``).
+            ``timestep_spacing`` and ``steps_offset``, by default the source scheduler's, else ``"linspace"``, 0).
         **options: the solver's keyword options (``order``, ``solver_type``, ``variant``, ...), JSON-serialisable.
 
     Returns:
         a ``DmlabScheduler`` (``SchedulerMixin``, ``ConfigMixin``) to assign to ``pipe.scheduler``.
     """
     cls = _scheduler_class()
-    kw = {}
+    kw = dict(schedules.vp_config(scheduler))  # refuses flow-matching / EDM schedulers
     if scheduler is not None:
         cfg = getattr(scheduler, "config", scheduler)
         get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
-        for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type"):
+        for k in ("prediction_type", "timestep_spacing", "steps_offset"):
             if get(k) is not None:
                 kw[k] = get(k)
+    if timestep_spacing is not None:
+        kw["timestep_spacing"] = timestep_spacing
+    if steps_offset is not None:
+        kw["steps_offset"] = steps_offset
     return cls(solver=solver, options=options, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-               timestep_spacing=timestep_spacing, steps_offset=steps_offset, **kw)
+               **kw)

@@ -286,3 +286,68 @@ def test_adapter_img2img_matches_diffusers(unet, solver, options, cls_name, cfg,
     ours_sch = as_diffusers_scheduler(solver, ref_sch, **options)
     out = _img2img(ours_sch, unet, x0, noise, 20, strength, sigmas=zero_end(ref_sch), end=len(ref_sch.timesteps))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- the adapter keeps the noise schedule
+_SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+@pytest.mark.parametrize("cls_name", ["DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler"])
+def test_adapter_keeps_zero_terminal_snr_and_spacing(cls_name):
+    """``rescale_betas_zero_snr``, ``timestep_spacing`` and ``steps_offset`` of the source scheduler are kept by
+    ``as_diffusers_scheduler`` and by ``DmlabScheduler.from_config`` (alphas_cumprod equal to float32 rounding; the
+    zero last one set to 2**-24 as diffusers' DPM-Solver does)."""
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    src = make(cls_name, rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=1,
+               prediction_type="v_prediction", **_SD_BETAS)
+    ref = make("DPMSolverMultistepScheduler", rescale_betas_zero_snr=True, **_SD_BETAS).alphas_cumprod
+    plain = make("DPMSolverMultistepScheduler", **_SD_BETAS).alphas_cumprod
+    ours = as_diffusers_scheduler("dpmpp_2m", src)
+    again = type(ours).from_config(src.config)
+    for s in (ours, again):
+        assert (s.alphas_cumprod - ref).abs().max() < 1e-6 < (s.alphas_cumprod - plain).abs().max()
+        assert s.config.rescale_betas_zero_snr and s.config.prediction_type == "v_prediction"
+        assert (s.config.timestep_spacing, s.config.steps_offset) == ("trailing", 1)
+    s = as_diffusers_scheduler("ddim", src, schedule="discrete", timestep_spacing="leading")
+    assert s.config.timestep_spacing == "leading"  # an explicit argument wins
+    s.set_timesteps(10)
+    assert torch.isfinite(s.sigmas).all() and float(s.sigmas[0]) < 1e4
+
+
+def test_adapter_keeps_trained_betas():
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    betas = torch.linspace(1e-4, 0.03, 500).tolist()
+    src = make("DDPMScheduler", trained_betas=betas, num_train_timesteps=500)
+    for s in (as_diffusers_scheduler("unipc", src), as_diffusers_scheduler("unipc", src.config)):
+        torch.testing.assert_close(s.alphas_cumprod, src.alphas_cumprod, rtol=0, atol=1e-6)
+    d = DiscreteVPDenoiser.from_scheduler(lambda x, t: x, dict(src.config))
+    want = schedules.sigmas_from_alphas_cumprod(src.alphas_cumprod)
+    torch.testing.assert_close(d.sigmas_train, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cls_name, cfg, match", [
+    ("FlowMatchEulerDiscreteScheduler", {}, "flow-matching"),
+    ("EDMEulerScheduler", {}, "EDM"),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}, "continuous"),
+    ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, "flow-matching"),
+])
+def test_schedules_that_are_not_ddpm_are_refused(cls_name, cfg, match):
+    """A scheduler whose noise schedule the adapter cannot keep is refused, never read as the default betas."""
+    from dmlab.samplers.diffusers_compat import _scheduler_class, as_diffusers_scheduler
+
+    src = make(cls_name, **cfg)
+    for build in (lambda: as_diffusers_scheduler("dpmpp_2m", src), lambda: _scheduler_class().from_config(src.config),
+                  lambda: DiscreteVPDenoiser.from_scheduler(lambda x, t: x, src),
+                  lambda: DiscreteVPDenoiser.from_scheduler(lambda x, t: x, dict(src.config))):
+        with pytest.raises(ValueError, match=match):
+            build()
+
+
+def test_zero_snr_from_a_ddim_config_and_instance():
+    """DDIM keeps alpha_bar_T = 0; from_scheduler clamps it (instance) or rebuilds it (config dict) the same way."""
+    src = make("DDIMScheduler", rescale_betas_zero_snr=True, **_SD_BETAS)
+    a = DiscreteVPDenoiser.from_scheduler(lambda x, t: x, src)
+    b = DiscreteVPDenoiser.from_scheduler(lambda x, t: x, dict(src.config))
+    assert a.sigma_max == pytest.approx(b.sigma_max, rel=1e-4) and a.sigma_max == pytest.approx(4096, rel=1e-3)
