@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import prepare, report
+from ._common import model_in, prepare, report, work_dtype
 
 KINDS = ("x", "d", "e")
 
@@ -159,9 +159,12 @@ def sample_plan(builder: Callable, denoiser: Callable, x: Tensor, sigmas: Tensor
                 **options) -> Tensor:
     """Validate, build ``builder(list_of_sigmas, **options)`` and run it: the body of every plan-based sampler.
 
-    The builder validates its options (and the number of steps its order needs) before anything is evaluated.
+    The builder validates its options (and the number of steps its order needs) before anything is evaluated. The
+    sums are formed in the work dtype (float32 for half-precision ``x``, :func:`._common.work_dtype`), the
+    denoiser called in x's dtype, the result returned in x's dtype.
     """
     sig, cond, lst = prepare(denoiser, x, sigmas, cond, generator, floats=True)
     plan = builder(lst, **options)
+    work = work_dtype(x)
     with torch.no_grad():
-        return run_plan(plan, denoiser, x, sig, cond, callback)
+        return run_plan(plan, model_in(denoiser, cond, x.dtype, work), x.to(work), sig, {}, callback).to(x.dtype)
