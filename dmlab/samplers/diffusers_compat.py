@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -171,6 +172,12 @@ def _scheduler_class():
             return self._begin_index
 
         def set_begin_index(self, begin_index: int = 0):
+            """Start at step ``begin_index`` (img2img): the solver's warm-up restarts there (see ``step``)."""
+            n = self.num_inference_steps
+            if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0 or \
+                    (n is not None and begin_index >= n):
+                raise ValueError(f"begin index {begin_index!r} is outside the {n} steps; call set_begin_index(k) "
+                                 f"with an int 0 <= k < num_inference_steps")
             self._begin_index = int(begin_index)
 
         def scale_model_input(self, sample: Tensor, *args, **kwargs) -> Tensor:
