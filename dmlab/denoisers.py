@@ -165,18 +165,18 @@ class DiscreteVPDenoiser:
 
     @classmethod
     def from_scheduler(cls, model: Callable, scheduler, **kwargs) -> "DiscreteVPDenoiser":
-        """Build from a diffusers scheduler (or its config dict): betas and ``prediction_type`` are read from it."""
+        """Build from a diffusers scheduler (or its config dict): betas (``trained_betas``,
+        ``rescale_betas_zero_snr``: :func:`dmlab.schedules.vp_alphas_cumprod`) and ``prediction_type`` are read from
+        it; flow-matching and EDM schedulers are refused (:func:`dmlab.schedules.vp_config`)."""
         cfg = getattr(scheduler, "config", scheduler)
         get = (lambda k, d=None: cfg.get(k, d)) if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        vp = schedules.vp_config(scheduler)  # refuses flow-matching / EDM schedulers
         if getattr(scheduler, "alphas_cumprod", None) is not None:
             ac = scheduler.alphas_cumprod
+            if vp.get("rescale_betas_zero_snr") and ac[-1] == 0:  # DDIM/DDPM keep the 0: clamp as diffusers' Euler
+                ac = schedules.clamp_zero_snr(ac)
         else:
-            if get("trained_betas") is not None:
-                betas = torch.as_tensor(get("trained_betas"), dtype=torch.float32)
-            else:
-                betas = schedules.betas_for(get("num_train_timesteps", 1000), get("beta_start", 1e-4),
-                                            get("beta_end", 0.02), get("beta_schedule", "linear"))
-            ac = torch.cumprod(1 - betas, 0)
+            ac = schedules.vp_alphas_cumprod(**vp)
         kwargs.setdefault("prediction_type", get("prediction_type", "epsilon"))
         return cls(model, ac, **kwargs)
 

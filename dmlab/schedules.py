@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["append_zero", "schedule_floats", "check_schedule", "karras", "log_uniform", "vp_linear", "vp_cosine",
-           "betas_for", "sigmas_from_alphas_cumprod", "train_sigmas", "ddpm_timesteps", "discrete",
+           "betas_for", "vp_alphas_cumprod", "vp_config", "clamp_zero_snr", "VP_CONFIG_KEYS", "sigmas_from_alphas_cumprod", "train_sigmas", "ddpm_timesteps", "discrete",
            "sigma_to_index", "index_to_sigma", "alpha_sigma_t", "sigma_from_alpha_sigma_t", "lam", "sigma_from_lam",
            "snr"]
 
@@ -177,6 +177,69 @@ def betas_for(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_en
         f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float32)
     raise ValueError(f"unknown beta_schedule {beta_schedule!r}; use 'linear', 'scaled_linear' or 'squaredcos_cap_v2'")
+
+
+VP_CONFIG_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                  "rescale_betas_zero_snr")
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24  # the last alpha_bar of a zero-terminal-SNR schedule, as diffusers sets it
+
+
+def vp_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                      beta_schedule: str = "linear", trained_betas=None,
+                      rescale_betas_zero_snr: bool = False) -> Tensor:
+    """``alphas_cumprod`` (float32) of a discrete DDPM schedule from a diffusers scheduler's config options.
+
+    ``trained_betas`` overrides the ``beta_*`` options; ``rescale_betas_zero_snr`` rescales the betas to zero
+    terminal SNR (Lin et al. 2024, :func:`dmlab.schedule_flaws.rescale_zero_terminal_snr`) and, as diffusers' Euler,
+    DPM-Solver and UniPC schedulers do, sets the last ``alpha_bar`` (0) to ``2**-24`` (:func:`clamp_zero_snr`) so
+    that ``sigma_max`` is finite (about 4096).
+    """
+    if trained_betas is not None:
+        betas = torch.as_tensor(trained_betas, dtype=torch.float32)
+        if betas.ndim != 1 or len(betas) < 2 or not torch.isfinite(betas).all() or ((betas <= 0) | (betas >= 1)).any():
+            raise ValueError("trained_betas must be a 1-D list of at least 2 betas in (0, 1)")
+    else:
+        betas = betas_for(num_train_timesteps, beta_start, beta_end, beta_schedule)
+    if not isinstance(rescale_betas_zero_snr, bool):
+        raise TypeError(f"rescale_betas_zero_snr must be True or False, got {rescale_betas_zero_snr!r}")
+    if rescale_betas_zero_snr:
+        from .schedule_flaws import rescale_zero_terminal_snr
+
+        betas = rescale_zero_terminal_snr(betas).float()
+    ac = torch.cumprod(1 - betas, 0)
+    return clamp_zero_snr(ac) if rescale_betas_zero_snr else ac
+
+
+def clamp_zero_snr(alphas_cumprod: Tensor) -> Tensor:
+    """A copy with the last ``alpha_bar`` of a zero-terminal-SNR schedule (0) set to ``2**-24`` as diffusers does, or
+    to half the one before where that is smaller (a linear-beta schedule reaches 4e-9 there: ``alpha_bar`` must
+    keep decreasing for :class:`~dmlab.denoisers.DiscreteVPDenoiser`)."""
+    ac = torch.as_tensor(alphas_cumprod).clone()
+    ac[-1] = min(ZERO_SNR_ALPHA_BAR, float(ac[-2]) / 2)
+    return ac
+
+
+def vp_config(scheduler) -> dict:
+    """The noise-schedule options (:data:`VP_CONFIG_KEYS`) of a diffusers scheduler or its config, refusing the
+    schedulers whose noise schedule is not a discrete DDPM one (flow matching, EDM, continuous timesteps), which
+    would otherwise be read as diffusers' default betas."""
+    cfg = getattr(scheduler, "config", scheduler)
+    if cfg is None:
+        return {}
+    get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
+    cls = str(get("_class_name") or (type(scheduler).__name__ if hasattr(scheduler, "config") else ""))
+    no_betas = get("beta_start") is None and get("trained_betas") is None
+    if "FlowMatch" in cls or (get("shift") is not None and no_betas) or get("use_flow_sigmas") or get("use_dynamic_shifting") or \
+            get("prediction_type") == "flow_prediction":
+        raise ValueError(f"{cls or 'this scheduler'} is a flow-matching scheduler (x = (1 - t) x0 + t eps), not a "
+                         "discrete DDPM schedule; use dmlab.denoisers.FlowDenoiser with a dmlab sampler instead")
+    if cls.startswith("EDM") or get("sigma_data") is not None:
+        raise ValueError(f"{cls or 'this scheduler'} is an EDM scheduler (continuous sigmas, no betas); wrap the "
+                         "model in dmlab.denoisers.EDMPrecond and use a dmlab sampler instead")
+    if get("timestep_type") == "continuous":
+        raise ValueError("timestep_type='continuous' (the model takes 0.25 log sigma, not a training index) is not "
+                         "a discrete DDPM schedule; use a scheduler config with timestep_type='discrete'")
+    return {k: get(k) for k in VP_CONFIG_KEYS if get(k) is not None}
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:

@@ -564,6 +564,175 @@ bad("zoo", "UNet class label -1", lambda: _zoo("load_denoiser")("unet_s")[0](tor
                                                                             class_labels=torch.tensor([-1])), "class")
 
 
+# diffusers scheduler adapter, noise-schedule options -------------------------------------------------------------
+def _adapter(solver="dpmpp_2m", src=None, **kw):
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    return as_diffusers_scheduler(solver, src, **kw)
+
+
+def _diffusers(cls_name, **cfg):
+    import diffusers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return getattr(diffusers, cls_name)(**cfg)
+
+
+def _begin_at(solver, k, n=10):
+    """The issue's reproducer: set_timesteps(n), set_begin_index(k), step to the end."""
+    s = _adapter(solver)
+    s.set_timesteps(n)
+    s.set_begin_index(k)
+    x = _x()
+    for t in s.timesteps[k:]:
+        x = s.step(0.1 * x, t, x).prev_sample
+    return x
+
+
+for _solver in ("dpmpp_2m", "dpmpp_3m", "dpm_solver_multistep", "dpm_solver", "unipc", "deis"):
+    good("adapter", f"{_solver} begin index with 1 step left", lambda s=_solver: _begin_at(s, 9), finite)
+good("adapter", "dpm_solver begin index with 2 steps left", lambda: _begin_at("dpm_solver", 8), finite)
+bad("adapter", "begin index past the end", lambda: _begin_at("unipc", 10), "begin index")
+good("adapter", "rescale_betas_zero_snr kept", lambda: (
+    _adapter("dpmpp_2m", _diffusers("DPMSolverMultistepScheduler", rescale_betas_zero_snr=True)).alphas_cumprod,
+    _diffusers("DPMSolverMultistepScheduler", rescale_betas_zero_snr=True).alphas_cumprod),
+    lambda r: float((r[0] - r[1]).abs().max()) < 1e-6)
+good("adapter", "from_config keeps rescale_betas_zero_snr and timestep_spacing", lambda: _adapter().from_config(
+    _diffusers("DDIMScheduler", rescale_betas_zero_snr=True, timestep_spacing="trailing").config),
+    lambda r: r.config.rescale_betas_zero_snr and r.config.timestep_spacing == "trailing"
+    and float(r.alphas_cumprod[-1]) > 0)
+good("adapter", "timestep_spacing of the source kept", lambda: _adapter(
+    "ddim", _diffusers("DDIMScheduler", timestep_spacing="leading", steps_offset=1), schedule="discrete"),
+    lambda r: (r.config.timestep_spacing, r.config.steps_offset) == ("leading", 1))
+bad("adapter", "flow-matching source scheduler", lambda: _adapter(
+    "dpmpp_2m", _diffusers("FlowMatchEulerDiscreteScheduler")), "flow-matching")
+bad("adapter", "from_config of a flow-matching config", lambda: _adapter().from_config(
+    _diffusers("FlowMatchEulerDiscreteScheduler").config), "flow-matching")
+bad("adapter", "EDM source scheduler", lambda: _adapter("unipc", _diffusers("EDMEulerScheduler")), "EDM")
+bad("adapter", "continuous timesteps", lambda: _adapter("unipc", _diffusers(
+    "EulerDiscreteScheduler", timestep_type="continuous", prediction_type="v_prediction")), "continuous")
+bad("adapter", "unknown timestep_spacing", lambda: _adapter("ddim", timestep_spacing="even"), "timestep_spacing")
+bad("denoisers", "VP from a flow-matching scheduler", lambda: denoisers.DiscreteVPDenoiser.from_scheduler(
+    _TinyNet(), _diffusers("FlowMatchEulerDiscreteScheduler")), "flow-matching")
+good("denoisers", "VP from a zero-SNR DDIM config dict", lambda: denoisers.DiscreteVPDenoiser.from_scheduler(
+    _TinyNet(), dict(_diffusers("DDIMScheduler", rescale_betas_zero_snr=True).config)),
+    lambda d: 4000 < d.sigma_max < 1e5)
+bad("schedules", "trained_betas with 1", lambda: schedules.vp_alphas_cumprod(trained_betas=[0.1, 1.0]), "(0, 1)")
+bad("schedules", "rescale_betas_zero_snr a string", lambda: schedules.vp_alphas_cumprod(rescale_betas_zero_snr="yes"),
+    "True or False")
+
+
+# half precision: every update in float32 ---------------------------------------------------------------------------
+def _gmm8():
+    g = torch.Generator().manual_seed(0)
+    return exact.GMMDenoiser(torch.ones(4), 2 * torch.randn(4, 8, generator=g), torch.full((4,), 0.3))
+
+
+def _half_sampler(name, dtype, smax=80.0, **kw):
+    """(half run, float64 run on the same noise) of a registry sampler on the 8-D mixture."""
+    from dmlab.samplers.registry import REGISTRY
+
+    s = schedules.karras(12, 0.002, smax)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)) * s[0]
+    return REGISTRY[name](_gmm8(), x.to(dtype), s, **kw), REGISTRY[name](_gmm8(), x.to(dtype).double(), s, **kw)
+
+
+for _name, _dt, _smax, _tol in (("hb", torch.float16, 1e4, 0.01), ("ghvb", torch.bfloat16, 1e4, 0.03),
+                                ("interpolant", torch.float16, 80.0, 0.01), ("interpolant", torch.bfloat16, 1e4, 0.03),
+                                ("dpmpp_3m", torch.bfloat16, 80.0, 0.03), ("unipc", torch.float16, 1e4, 0.01)):
+    good("samplers", f"{_name} {str(_dt)[6:]} sigma_max {_smax:g} within {_tol:.0%} of float64",
+         lambda n=_name, d=_dt, m=_smax: _half_sampler(n, d, m),
+         lambda r, d=_dt, t=_tol: r[0].dtype == d and _close(r[0], r[1], t))
+good("samplers", "dpm_solver_v3 float16", lambda: _half_sampler(
+    "dpm_solver_v3", torch.float16, statistics=_sampler_v3_trivial()), lambda r: _close(r[0], r[1], 0.01))
+good("samplers", "dmcmc float16 finite", lambda: _sampler_dmcmc()(
+    _gmm8(), (80 * torch.randn(8, 8, generator=_g())).half(), schedules.karras(12), generator=_g()),
+    lambda r: r.dtype == torch.float16 and finite(r))
+
+
+def _sampler_v3_trivial():
+    from dmlab.samplers.v3 import Statistics
+
+    return Statistics.trivial(shape=(8,))
+
+
+def _sampler_dmcmc():
+    from dmlab.samplers.mcmc import sample_dmcmc
+
+    return sample_dmcmc
+
+
+# zoo registry and CLI (temporary roots only) -----------------------------------------------------------------------
+def _tmp_zoo(registry_text=None, entry_files=None):
+    """A temporary zoo root holding a copy of the classifier and a registry (text, or the classifier's entry with
+    ``entry_files``)."""
+    import json
+    import shutil
+
+    from dmlab.zoo import store
+
+    root = pathlib.Path(tempfile.mkdtemp()) / "zoo"
+    shutil.copytree(store.zoo_dir() / "classifier", root / "classifier")
+    if registry_text is None:
+        entry = dict(store.read_registry()["classifier"])
+        if entry_files is not None:
+            entry["files"] = entry_files(entry["files"])
+        registry_text = json.dumps({"classifier": entry})
+    (root / "registry.json").write_text(registry_text)
+    return root
+
+
+def _bytes_off(files):
+    return {k: dict(v, bytes=v["bytes"] + 1) for k, v in files.items()}
+
+
+def _cli(*argv):
+    """(exit status, stderr lines) of ``python -m dmlab.zoo ...`` run in-process."""
+    import io
+
+    from dmlab.zoo.__main__ import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(list(argv))
+        except SystemExit as ex:
+            code = ex.code
+    return code, err.getvalue().strip().splitlines()
+
+
+def _one_line_2(r):
+    return r[0] == 2 and len(r[1]) == 1 and r[1][0].startswith("python -m dmlab.zoo: error: ")
+
+
+_ZERO_SHA = {"sha256": "0" * 64, "bytes": 1}
+bad("zoo", "registry path with ..", lambda: _zoo("load")("classifier", root=_tmp_zoo(
+    entry_files=lambda f: {"../../../ESCAPED": _ZERO_SHA})), "leave the zoo folder", exc=CLEAR)
+bad("zoo", "registry absolute path", lambda: _zoo("names")(root=_tmp_zoo(
+    entry_files=lambda f: {"/etc/passwd": _ZERO_SHA})), "leave the zoo folder")
+bad("zoo", "malformed registry.json names the file", lambda: _zoo("names")(root=_tmp_zoo("{oops")),
+    r"registry\.json is not valid JSON")
+bad("zoo", "registry entry without files", lambda: _zoo("load")("classifier", root=_tmp_zoo(
+    '{"classifier": {"kind": "classifier"}}')), "'files'")
+bad("zoo", "registry file without bytes", lambda: _zoo("names")(root=_tmp_zoo(
+    entry_files=lambda f: {k: {"sha256": v["sha256"]} for k, v in f.items()})), "bytes")
+bad("zoo", "file size differs from bytes", lambda: _zoo("load")("classifier", root=_tmp_zoo(
+    entry_files=_bytes_off)), "bytes, the registry says")
+bad("zoo", "corrupted file under a custom root names that root", lambda: _zoo("load")("classifier", root=_tmp_zoo(
+    entry_files=lambda f: {k: dict(v, sha256="0" * 64) for k, v in f.items()})), "--out .*zoo")
+good("zoo", "downloads pinned to the release tag", lambda: _zoo("store").raw_url("registry.json"),
+     lambda u: "/main/" not in u and f"/v{__import__('dmlab').__version__}/" in u)
+good("cli", "train unknown name", lambda: _cli("train", "nonexistent"), _one_line_2)
+good("cli", "register on an empty --out", lambda: _cli("register", "unet_s", "--out", tempfile.mkdtemp()),
+     _one_line_2)
+good("cli", "unknown command", lambda: _cli("frob"), _one_line_2)
+good("cli", "train without a name", lambda: _cli("train"), _one_line_2)
+good("cli", "--device cuda without a GPU", lambda: _cli("train", "unet_s", "--device", "cuda"),
+     lambda r: torch.cuda.is_available() or _one_line_2(r))
+good("cli", "--out is a file", lambda: _cli("register", "unet_s", "--out", str(_tmp_notebook())), _one_line_2)
+
+
 # ----------------------------------------------------------------------------------------------- running a case
 def outcome(c: Case) -> tuple[bool, str]:
     """(clear-or-correct, what happened)."""

@@ -59,9 +59,50 @@ def per_step_sigmas(sigmas: Tensor, batch: int) -> tuple:
     return sigmas[:, None].expand(len(sigmas), batch).unbind(0)
 
 
-def model_in(denoiser: Callable, cond: dict, dtype: torch.dtype, work: torch.dtype) -> Callable:
+def model_in(denoiser: Callable, cond: dict | None, dtype: torch.dtype, work: torch.dtype) -> Callable:
     """``model(x, sigma) = D(x, sigma, **cond)`` called in the model's ``dtype`` (x's), returning the ``work`` dtype
-    of the update; no wrapper at all when both agree and there is no ``cond`` (no per-step cost)."""
+    of the update; no wrapper at all when both agree and there is no ``cond`` (no per-step cost). With
+    ``cond=None`` the model takes the condition itself: ``model(x, sigma, **cond)``."""
     if dtype == work:
         return (lambda x, s: denoiser(x, s, **cond)) if cond else denoiser
+    if cond is None:
+        return _InDtype(denoiser, dtype, work)
     return lambda x, s: denoiser(x.to(dtype), s.to(dtype), **cond).to(work)
+
+
+class _InDtype:
+    """``D(x, sigma, **cond)`` called in ``dtype``, returning ``work``; other attributes (``log_prob``, ...) are the
+    denoiser's own."""
+
+    def __init__(self, denoiser: Callable, dtype: torch.dtype, work: torch.dtype):
+        self.denoiser, self.dtype, self.work = denoiser, dtype, work
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        return self.denoiser(x.to(self.dtype), sigma.to(self.dtype), **cond).to(self.work)
+
+    def __getattr__(self, name):
+        return getattr(self.denoiser, name)
+
+
+def half_safe(sampler: Callable) -> Callable:
+    """Run a sampler written in x's dtype in the work dtype (:func:`work_dtype`) when x is float16/bfloat16: the
+    state, the noise and every update in float32, the denoiser called with x in its own half dtype
+    (:func:`model_in`), the result returned in x's dtype. Half precision loses the small differences multistep and
+    momentum updates are made of, and overflows or divides 0/0 in the stochastic samplers' step sizes. The loops
+    of the ODE solvers do the same inline (``work_dtype`` + ``model_in``); this is the wrapper for the others.
+    The arguments are checked in x's dtype first (a schedule that overflows it is refused as without the wrapper).
+    """
+    import functools
+
+    @functools.wraps(sampler)
+    def run(denoiser: Callable, x: Tensor, sigmas: Tensor, *args, **kwargs) -> Tensor:
+        if not (isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16) and callable(denoiser)):
+            return sampler(denoiser, x, sigmas, *args, **kwargs)
+        prepare(denoiser, x, sigmas, kwargs.get("cond"), kwargs.get("generator"))
+        work = work_dtype(x)
+        out = sampler(model_in(denoiser, None, x.dtype, work), x.to(work), sigmas, *args, **kwargs)
+        if isinstance(out, tuple):  # (samples, info): the samples in x's dtype
+            return (out[0].to(x.dtype), *out[1:])
+        return out.to(x.dtype)
+
+    return run

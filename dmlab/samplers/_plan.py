@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._common import prepare, report
+from ._common import model_in, prepare, report, work_dtype
 
 KINDS = ("x", "d", "e")
 
@@ -109,11 +109,20 @@ class Stepper:
 
     What :func:`run_plan` does in a loop, exposed for schedulers that receive the model output from outside
     (the diffusers adapter). ``x_i`` must be the state the plan produced (the adapter passes the pipeline's own).
+    ``start``: the first step to take (a plan built with the builders' ``start``, whose steps from there on use
+    nothing earlier).
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, start: int = 0):
+        if not 0 <= start < plan.n_steps:
+            raise ValueError(f"start must be a step index in [0, {plan.n_steps - 1}], got {start}")
+        for i in range(start, plan.n_steps):
+            for upd in (plan.advance[i], plan.correct[i]):
+                if upd is not None and any(j < start for _, j, _ in upd.terms):
+                    raise ValueError(f"step {i} of plan {plan.name!r} uses values from before step {start}; build the "
+                                     f"plan with start={start}")
         self.plan = plan
-        self.i = 0
+        self.i = start
         self.hist = {"x": {}, "d": {}, "e": {}}
 
     def step(self, x: Tensor, denoised: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,9 +159,12 @@ def sample_plan(builder: Callable, denoiser: Callable, x: Tensor, sigmas: Tensor
                 **options) -> Tensor:
     """Validate, build ``builder(list_of_sigmas, **options)`` and run it: the body of every plan-based sampler.
 
-    The builder validates its options (and the number of steps its order needs) before anything is evaluated.
+    The builder validates its options (and the number of steps its order needs) before anything is evaluated. The
+    sums are formed in the work dtype (float32 for half-precision ``x``, :func:`._common.work_dtype`), the
+    denoiser called in x's dtype, the result returned in x's dtype.
     """
     sig, cond, lst = prepare(denoiser, x, sigmas, cond, generator, floats=True)
     plan = builder(lst, **options)
+    work = work_dtype(x)
     with torch.no_grad():
-        return run_plan(plan, denoiser, x, sig, cond, callback)
+        return run_plan(plan, model_in(denoiser, cond, x.dtype, work), x.to(work), sig, {}, callback).to(x.dtype)

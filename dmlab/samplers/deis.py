@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
 from ._plan import Plan, Update
-from .exponential import check_choice, check_lof, check_order, multistep_orders, need_steps
+from .exponential import check_choice, check_lof, check_order, multistep_orders, need_steps, restart_orders
 
 __all__ = ["sample_deis", "plan_deis", "vp_linear_time"]
 
@@ -70,16 +70,18 @@ def deis_weights(sig_nodes: list, sig_from: float, sig_to: float, v: Callable) -
 
 
 def plan_deis(sigmas: list, *, order: int = 3, variant: str = "logrho", time: Callable | None = None,
-              lower_order_final: bool | str = True) -> Plan:
-    """The DEIS multistep plan (see the module docstring): ``x_{i+1} = x_i + sum_j c_ij eps_j``."""
+              lower_order_final: bool | str = True, start: int = 0) -> Plan:
+    """The DEIS multistep plan (see the module docstring): ``x_{i+1} = x_i + sum_j c_ij eps_j``; ``start``: the first
+    step taken (``restart_orders``)."""
     order = check_order(order)
     check_choice("variant", variant, VARIANTS)
     if time is not None and not callable(time):
         raise TypeError("time must be callable: time(sigma as a float64 numpy array) -> t, increasing in sigma")
     n = len(sigmas) - 1
-    need_steps(n, order, "DEIS")
+    if not start:
+        need_steps(n, order, "DEIS")
     v = _variable(variant, time)
-    orders = multistep_orders(n, order, check_lof(lower_order_final))
+    orders = restart_orders(multistep_orders(n, order, check_lof(lower_order_final)), start)
     adv = []
     for i, p in enumerate(orders):
         if sigmas[i + 1] == 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ from ._plan import Stepper
 __all__ = ["as_diffusers_scheduler", "SOLVERS", "SCHEDULES", "build_plan"]
 
 SCHEDULES = ("karras", "log_uniform", "discrete")
+SPACINGS = ("linspace", "leading", "trailing")
 
 
 def _builders() -> dict:
@@ -48,8 +50,9 @@ def _solvers() -> tuple:
 SOLVERS = _solvers()
 
 
-def build_plan(solver: str, sigmas: list, options: dict):
-    """The :class:`~dmlab.samplers._plan.Plan` of a named solver on ``sigmas`` (a list ending in 0)."""
+def build_plan(solver: str, sigmas: list, options: dict, start: int = 0):
+    """The :class:`~dmlab.samplers._plan.Plan` of a named solver on ``sigmas`` (a list ending in 0), first taking step
+    ``start`` (the order lowered after it as diffusers' schedulers do: ``exponential.restart_orders``)."""
     if solver == "spec":
         from .search import SolverSpec
 
@@ -64,7 +67,7 @@ def build_plan(solver: str, sigmas: list, options: dict):
     if clash:
         raise ValueError(f"solver {solver!r} fixes {sorted(clash)}; use 'dpm_solver_multistep' to choose them")
     try:
-        return builder(sigmas, **fixed, **options)
+        return builder(sigmas, **fixed, **options, **({"start": start} if start else {}))
     except TypeError as e:
         raise ValueError(f"bad options {options} for solver {solver!r}: {e}") from None
 
@@ -91,18 +94,18 @@ def _scheduler_class():
                      beta_schedule: str = "linear", trained_betas=None, prediction_type: str = "epsilon",
                      solver: str = "dpmpp_2m", options: dict | None = None, schedule: str = "karras",
                      sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
-                     timestep_spacing: str = "linspace", steps_offset: int = 0):
+                     timestep_spacing: str = "linspace", steps_offset: int = 0,
+                     rescale_betas_zero_snr: bool = False):
             from ..denoisers import PREDICTION_TYPES
 
             if prediction_type not in PREDICTION_TYPES:
                 raise ValueError(f"unknown prediction_type {prediction_type!r}; use one of {PREDICTION_TYPES}")
             if schedule not in SCHEDULES:
                 raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
-            if trained_betas is not None:
-                betas = torch.as_tensor(trained_betas, dtype=torch.float32)
-            else:
-                betas = schedules.betas_for(num_train_timesteps, beta_start, beta_end, beta_schedule)
-            self.alphas_cumprod = torch.cumprod(1 - betas, 0)
+            if timestep_spacing not in SPACINGS:
+                raise ValueError(f"unknown timestep_spacing {timestep_spacing!r}; use one of {SPACINGS}")
+            self.alphas_cumprod = schedules.vp_alphas_cumprod(num_train_timesteps, beta_start, beta_end, beta_schedule,
+                                                              trained_betas, rescale_betas_zero_snr)
             self.sigmas_train = schedules.sigmas_from_alphas_cumprod(self.alphas_cumprod)
             build_plan(solver, schedules.karras(8, 0.1, 10.0).tolist(), dict(options or {}))  # validate now
             self.init_noise_sigma = 1.0
@@ -112,6 +115,16 @@ def _scheduler_class():
             self._step_index = None
             self._begin_index = None
             self._stepper = None
+
+        @classmethod
+        def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+            """diffusers' ``from_config``, refusing configs whose noise schedule is not a discrete DDPM one
+            (flow matching, EDM) instead of reading them as the default betas; the betas, ``trained_betas``,
+            ``rescale_betas_zero_snr``, ``timestep_spacing`` and ``steps_offset`` of another scheduler's config are
+            kept."""
+            schedules.vp_config(config)
+            schedules.vp_config(kwargs)
+            return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
         # ---------------------------------------------------------------------------------- schedule
         def dmlab_sigmas(self, num_inference_steps: int) -> Tensor:
@@ -159,6 +172,12 @@ def _scheduler_class():
             return self._begin_index
 
         def set_begin_index(self, begin_index: int = 0):
+            """Start at step ``begin_index`` (img2img): the solver's warm-up restarts there (see ``step``)."""
+            n = self.num_inference_steps
+            if isinstance(begin_index, bool) or not isinstance(begin_index, numbers.Integral) or begin_index < 0 or \
+                    (n is not None and begin_index >= n):
+                raise ValueError(f"begin index {begin_index!r} is outside the {n} steps; call set_begin_index(k) "
+                                 f"with an int 0 <= k < num_inference_steps")
             self._begin_index = int(begin_index)
 
         def scale_model_input(self, sample: Tensor, *args, **kwargs) -> Tensor:
@@ -189,12 +208,16 @@ def _scheduler_class():
                 raise ValueError("dmlab solvers here are deterministic: use eta=0 (or dmlab.samplers.sample_ddpm)")
             if self._step_index is None:
                 k = self._begin_index if self._begin_index is not None else self._index_of(timestep)
-                # starting mid-schedule (img2img): the solver starts afresh (warm-up included) from sigmas[k]
+                if not 0 <= k < self.num_inference_steps:
+                    raise ValueError(f"begin index {k} is outside the {self.num_inference_steps} steps; call "
+                                     f"set_begin_index(k) with 0 <= k < {self.num_inference_steps}")
+                # starting mid-schedule (img2img): the warm-up restarts at sigmas[k] and the order is lowered where
+                # fewer outputs exist, as diffusers' schedulers do (the final-step rules count the whole schedule)
                 if k and self.config.solver == "spec":
                     raise ValueError("a searched SolverSpec runs its whole schedule; it cannot start mid-way")
-                plan = self._plan if k == 0 else build_plan(self.config.solver, self.sigmas[k:].tolist(),
-                                                             dict(self.config.options or {}))
-                self._step_index, self._stepper = k, Stepper(plan)
+                plan = self._plan if k == 0 else build_plan(self.config.solver, self.sigmas.tolist(),
+                                                             dict(self.config.options or {}), start=k)
+                self._step_index, self._stepper = k, Stepper(plan, start=k)
             i = self._step_index
             s, s_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
             dtype = sample.dtype
@@ -224,28 +247,34 @@ def _scheduler_class():
 
 def as_diffusers_scheduler(solver: str = "dpmpp_2m", scheduler=None, *, schedule: str = "karras",
                            sigma_min: float | None = None, sigma_max: float | None = None, rho: float = 7.0,
-                           timestep_spacing: str = "linspace", steps_offset: int = 0, **options):
+                           timestep_spacing: str | None = None, steps_offset: int | None = None, **options):
     """A diffusers scheduler that runs the dmlab solver ``solver`` (see the module docstring for the names).
 
     Args:
         solver: the dmlab solver, e.g. ``"dpmpp_3m"`` (with ``variant="taylor"`` by default), ``"unipc"``.
-        scheduler: a diffusers scheduler (or its config) whose betas and ``prediction_type`` to copy, typically
-            ``pipe.scheduler``; without it diffusers' DDPM defaults are used.
+        scheduler: a diffusers scheduler (or its config) whose noise schedule to copy, typically ``pipe.scheduler``:
+            ``num_train_timesteps``, the betas (``beta_*``, ``trained_betas``, ``rescale_betas_zero_snr``),
+            ``prediction_type``, ``timestep_spacing`` and ``steps_offset``; without it diffusers' DDPM defaults are
+            used. Flow-matching and EDM schedulers are refused (:func:`dmlab.schedules.vp_config`).
         schedule: the sigma grid: ``"karras"`` (Karras et al. 2022, between the training sigmas' range unless
             ``sigma_min``/``sigma_max`` are given), ``"log_uniform"`` or ``"discrete"`` (training sigmas at
-            diffusers' ``timestep_spacing``).
+            ``timestep_spacing`` and ``steps_offset``, by default the source scheduler's, else ``"linspace"``, 0).
         **options: the solver's keyword options (``order``, ``solver_type``, ``variant``, ...), JSON-serialisable.
 
     Returns:
         a ``DmlabScheduler`` (``SchedulerMixin``, ``ConfigMixin``) to assign to ``pipe.scheduler``.
     """
     cls = _scheduler_class()
-    kw = {}
+    kw = dict(schedules.vp_config(scheduler))  # refuses flow-matching / EDM schedulers
     if scheduler is not None:
         cfg = getattr(scheduler, "config", scheduler)
         get = (lambda k: cfg.get(k)) if isinstance(cfg, dict) else (lambda k: getattr(cfg, k, None))
-        for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type"):
+        for k in ("prediction_type", "timestep_spacing", "steps_offset"):
             if get(k) is not None:
                 kw[k] = get(k)
+    if timestep_spacing is not None:
+        kw["timestep_spacing"] = timestep_spacing
+    if steps_offset is not None:
+        kw["steps_offset"] = steps_offset
     return cls(solver=solver, options=options, schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
-               timestep_spacing=timestep_spacing, steps_offset=steps_offset, **kw)
+               **kw)

@@ -83,6 +83,16 @@ def need_steps(n: int, order: int, what: str) -> None:
                          f"(e.g. dmlab.schedules.karras({max(order, 5)})) or a lower order")
 
 
+def restart_orders(orders: list, start: int) -> list:
+    """Per-step orders of a solver started at step ``start`` of its schedule (img2img, inpainting and refiner
+    pipelines call diffusers' ``set_begin_index(start)``): no earlier outputs exist, so the warm-up restarts there,
+    ``min(p, i - start + 1)``, and the final-step rules keep counting the whole schedule, as diffusers' multistep
+    and singlestep schedulers lower the order. Steps before ``start`` keep their orders (they are never taken)."""
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < len(orders):
+        raise ValueError(f"start must be an int step index in [0, {len(orders) - 1}], got {start!r}")
+    return [p if i < start else min(p, i - start + 1) for i, p in enumerate(orders)]
+
+
 def check_lof(value):
     """``lower_order_final`` is True, False or ``"sigma_min"``."""
     if value not in (True, False, "sigma_min"):
@@ -143,28 +153,30 @@ def _phis(h: float, prediction: str):
 
 
 # ----------------------------------------------------------------------------------------------- plans
-def plan_ddim(sigmas: list) -> Plan:
+def plan_ddim(sigmas: list, *, start: int = 0) -> Plan:
     """DDIM with ``eta = 0`` (Song et al. 2021): ``x_t = (sigma_t/sigma_s) x_s + (1 - sigma_t/sigma_s) D`` per step."""
-    return plan_dpm_solver_multistep(sigmas, order=1, name="ddim")
+    return plan_dpm_solver_multistep(sigmas, order=1, name="ddim", start=start)
 
 
 def plan_dpm_solver_multistep(sigmas: list, *, order: int = 2, prediction: str = "data",
                               solver_type: str = "midpoint", variant: str = "taylor",
-                              lower_order_final: bool | str = True, name: str | None = None) -> Plan:
+                              lower_order_final: bool | str = True, name: str | None = None, start: int = 0) -> Plan:
     """Multistep DPM-Solver(++) of ``order`` 1-3 (Lu et al. 2022, DPM-Solver++ Alg. 2 and its order-3 extension).
 
     ``prediction="data"`` integrates ``D`` (DPM-Solver++), ``"noise"`` integrates ``eps`` (multistep DPM-Solver).
     ``solver_type`` picks diffusers' second-order formula (``"midpoint"``: ``-0.5 (e^{-h}-1) D1``; ``"heun"``: the
     Taylor weight ``phi_2``); ``variant`` the weight of the second difference at order 3 (module docstring).
+    ``start``: the first step taken (:func:`restart_orders`; a schedule shorter than ``order`` is then fine).
     """
     order = check_order(order)
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     check_choice("variant", variant, VARIANTS_3M)
     n = len(sigmas) - 1
-    need_steps(n, order, "multistep DPM-Solver")
+    if not start:
+        need_steps(n, order, "multistep DPM-Solver")
     lam = lams(sigmas)
-    orders = multistep_orders(n, order, check_lof(lower_order_final))
+    orders = restart_orders(multistep_orders(n, order, check_lof(lower_order_final)), start)
     m = "d" if prediction == "data" else "e"
     w2_scale = 2.0 if variant == "taylor" else 1.0
     adv = []
@@ -194,21 +206,24 @@ def plan_dpm_solver_multistep(sigmas: list, *, order: int = 2, prediction: str =
     return Plan(tuple(sigmas), tuple(adv), (None,) * n, tuple(orders), label)
 
 
-def plan_dpm_solver(sigmas: list, *, order: int = 3, prediction: str = "noise", solver_type: str = "midpoint") -> Plan:
+def plan_dpm_solver(sigmas: list, *, order: int = 3, prediction: str = "noise", solver_type: str = "midpoint",
+                    start: int = 0) -> Plan:
     """Singlestep DPM-Solver-``order`` (Lu et al. 2022, Alg. 1 / DPM-Solver-2, -3), grouped as diffusers does.
 
     Every grid point is one model evaluation; a step of order ``k`` goes from the group's first point to the point
     after its ``k``-th, using the ``k - 1`` points in between as its inner stages (``r1 = 1/3, r2 = 2/3`` of the
     paper when the grid is uniform in ``lam``). ``solver_type="midpoint"`` is the paper's formula (exact for those
-    ``r``), ``"heun"`` the general Taylor one.
+    ``r``), ``"heun"`` the general Taylor one. ``start``: the first step taken (:func:`restart_orders`: a group cut
+    by it starts at ``start`` with a lower order, as diffusers' singlestep scheduler does).
     """
     order = check_order(order)
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     n = len(sigmas) - 1
-    need_steps(n, order, "singlestep DPM-Solver")
+    if not start:
+        need_steps(n, order, "singlestep DPM-Solver")
     lam = lams(sigmas)
-    orders = singlestep_orders(n, order)
+    orders = restart_orders(singlestep_orders(n, order), start)
     m = "d" if prediction == "data" else "e"
     adv = []
     for i, p in enumerate(orders):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..denoisers import as_sigma, bcast
-from ._common import call, prepare, randn_like, report
+from ._common import call, half_safe, prepare, randn_like, report
 
 __all__ = ["Interpolant", "INTERPOLANTS", "get_interpolant", "velocity_from_denoiser", "denoiser_from_velocity",
            "sample_interpolant", "straightness"]
@@ -121,6 +121,7 @@ def denoiser_from_velocity(velocity: Callable, interpolant="linear") -> Callable
     return denoiser
 
 
+@half_safe
 @torch.no_grad()
 def sample_interpolant(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                        generator: torch.Generator | None = None, callback: Callable | None = None,
@@ -136,16 +137,19 @@ def sample_interpolant(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: d
     noise. One NFE per step; returns ``x`` in the VE convention (``a(0) = 1``). With ``"linear"`` and ``eps = 0``
     the Euler step in ``t`` equals Euler in ``sigma`` (and DDIM): a flow-matching Euler sampler is DDIM.
     """
+    given = sigmas
     sigmas, cond = prepare(denoiser, x, sigmas, cond, generator)
     ip = get_interpolant(interpolant)
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError("noise_sampler must be callable: noise_sampler(x) -> unit Gaussian noise shaped like x")
     if not callable(eps) and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0):
         raise ValueError(f"eps must be a number >= 0 (a multiple of g^2/2; 0 is the ODE) or a callable e(t), got {eps!r}")
-    ts = ip.t_of_sigma(sigmas)
+    # times and coefficients in float64 (0-d tensors keep x's dtype): near t = 1, a(t) = 1 - t loses its digits in
+    # float32 and is 0 in half precision
+    ts = ip.t_of_sigma(given.to(device=x.device, dtype=torch.float64))
     if not (ts[:-1] < 1).all():
         raise ValueError(f"sigmas[0] = {float(sigmas[0]):g} maps to t >= 1 for interpolant {ip.name!r}; start lower")
-    xt = bcast(ip.a(ts[0]).expand(x.shape[0]), x) * x
+    xt = bcast(ip.a(ts[0]).expand(x.shape[0]).to(x.dtype), x) * x
     for i in range(len(sigmas) - 1):
         s, s_next, t, t_next = sigmas[i], sigmas[i + 1], ts[i], ts[i + 1]
         a, b = ip.a(t), ip.b(t)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..denoisers import bcast
-from ._common import call, prepare, randn_like, report
+from ._common import call, half_safe, prepare, randn_like, report
 
 __all__ = ["sample_dmcmc", "sigma_posterior_exact"]
 
@@ -34,6 +34,7 @@ def sigma_posterior_exact(denoiser, x: Tensor, grid: Tensor, log_prior: Tensor) 
     return torch.log_softmax(lp + log_prior.to(lp), dim=1)
 
 
+@half_safe
 @torch.no_grad()
 def sample_dmcmc(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                  generator: torch.Generator | None = None, callback: Callable | None = None,

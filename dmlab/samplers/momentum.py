@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._common import call, prepare, report
+from ._common import call, half_safe, prepare, report
 
 __all__ = ["MultistepRule", "plms", "DPMPP_2M", "sample_hb", "sample_ghvb", "adams_bashforth_weights",
            "stability_interval"]
@@ -118,6 +118,7 @@ def _check_beta(beta) -> float:
     return float(beta)
 
 
+@half_safe
 @torch.no_grad()
 def sample_hb(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
               generator: torch.Generator | None = None, callback: Callable | None = None, beta: float = 0.8,
@@ -163,6 +164,7 @@ def _ghvb_order(order) -> tuple[int, float]:
     return k, float(order - (k - 1))
 
 
+@half_safe
 @torch.no_grad()
 def sample_ghvb(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                 generator: torch.Generator | None = None, callback: Callable | None = None,

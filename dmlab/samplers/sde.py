@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..denoisers import bcast
-from ._common import call, prepare, randn_like, report
+from ._common import call, half_safe, prepare, randn_like, report
 
 __all__ = ["sample_ddpm", "sample_euler_maruyama", "sample_pc", "sample_dpmpp_2m_sde", "output_moments", "gaussian_w2",
            "ancestral_step"]
@@ -47,27 +47,6 @@ def _check_noise_sampler(noise_sampler) -> None:
         raise TypeError("noise_sampler must be callable: noise_sampler(x) -> unit Gaussian noise shaped like x")
 
 
-def _half_safe(sampler: Callable) -> Callable:
-    """Run a stochastic sampler on float16/bfloat16 ``x`` in float32 (the state, the noise and the step sizes: in
-    half precision ``2 (snr ||z|| / ||s||)^2`` overflows and ``0/0`` appears at small sigmas), calling the
-    denoiser with x in its own half dtype and returning x's dtype."""
-    import functools
-
-    @functools.wraps(sampler)
-    def run(denoiser: Callable, x: Tensor, sigmas: Tensor, *args, **kwargs) -> Tensor:
-        if not (isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16) and callable(denoiser)):
-            return sampler(denoiser, x, sigmas, *args, **kwargs)
-        half = x.dtype
-
-        def den32(xx: Tensor, sigma: Tensor, **cond) -> Tensor:
-            return denoiser(xx.to(half), sigma, **cond).float()
-
-        return sampler(den32, x.float(), sigmas, *args, **kwargs).to(half)
-
-    return run
-
-
-
 def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple[Tensor, Tensor]:
     """``(sigma_down, sigma_up)`` of one DDIM(``eta``) step from ``sigma`` to ``sigma_next`` (Song et al. 2021, DDIM eq. 16).
 
@@ -81,7 +60,7 @@ def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple
     return (sigma_next ** 2 - up ** 2).clamp_min(0).sqrt(), up
 
 
-@_half_safe
+@half_safe
 @torch.no_grad()
 def sample_ddpm(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                 generator: torch.Generator | None = None, callback: Callable | None = None, eta: float = 1.0,
@@ -126,7 +105,7 @@ def sample_ddpm(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | N
     return x
 
 
-@_half_safe
+@half_safe
 @torch.no_grad()
 def sample_euler_maruyama(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                           generator: torch.Generator | None = None, callback: Callable | None = None,
@@ -151,7 +130,7 @@ def sample_euler_maruyama(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond
     return x
 
 
-@_half_safe
+@half_safe
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
                         generator: torch.Generator | None = None, callback: Callable | None = None, order: int = 2,
@@ -199,7 +178,7 @@ def _langevin_size(score: Tensor, z: Tensor, snr: float, norm: str) -> Tensor:
     return 2 * (snr * zn / gn.clamp_min(torch.finfo(score.dtype).tiny)) ** 2
 
 
-@_half_safe
+@half_safe
 @torch.no_grad()
 def sample_pc(denoiser: Callable, x: Tensor, sigmas: Tensor, *, cond: dict | None = None,
               generator: torch.Generator | None = None, callback: Callable | None = None,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ._common import model_in, per_step_sigmas, prepare, report, work_dtype
 from ._plan import Plan, Update
-from .exponential import PREDICTIONS, check_choice, check_lof, check_order, lams, lin, need_steps
+from .exponential import PREDICTIONS, check_choice, check_lof, check_order, lams, lin, need_steps, restart_orders
 
 __all__ = ["sample_unipc", "plan_unipc"]
 
@@ -88,24 +88,27 @@ def unipc_orders(n: int, order: int, lower_order_final=True) -> list:
 
 
 def plan_unipc(sigmas: list, *, order: int = 2, prediction: str = "data", solver_type: str = "bh2",
-               corrector: bool = True, disable_corrector: tuple = (), lower_order_final: bool | str = True) -> Plan:
+               corrector: bool = True, disable_corrector: tuple = (), lower_order_final: bool | str = True,
+               start: int = 0) -> Plan:
     """UniPC-``order`` (Zhao et al. 2023): UniP predictor + UniC corrector, one NFE per step.
 
     Step ``i`` has predictor order ``min(order, i + 1)`` (warm-up) and, with ``lower_order_final``, at most the
     number of steps left (diffusers' rule). The corrector at step ``i`` uses the order of step ``i - 1``; it is
     skipped where ``i - 1`` is in ``disable_corrector`` (diffusers' convention) or everywhere if ``corrector=False``.
+    ``start``: the first step taken (``restart_orders``: warm-up restarts there, no correction at ``start``).
     """
     order = check_order(order, (1, 2, 3, 4))
     check_choice("prediction", prediction, PREDICTIONS)
     check_choice("solver_type", solver_type, SOLVER_TYPES)
     n = len(sigmas) - 1
-    need_steps(n, order, "UniPC")
+    if not start:
+        need_steps(n, order, "UniPC")
     lam = lams(sigmas)
     m = "d" if prediction == "data" else "e"
-    orders = unipc_orders(n, order, check_lof(lower_order_final))
+    orders = restart_orders(unipc_orders(n, order, check_lof(lower_order_final)), start)
     adv, cor = [], []
     for i, p in enumerate(orders):
-        if corrector and i > 0 and (i - 1) not in disable_corrector:
+        if corrector and i > start and (i - 1) not in disable_corrector:
             q = orders[i - 1]
             cor.append(_unipc_update(sigmas, lam, i - 1, [i - 1 - k for k in range(1, q)], i, q, prediction,
                                      solver_type, m, i))

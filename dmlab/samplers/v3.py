@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._common import call, prepare, randn_like, report
+from ._common import call, half_safe, prepare, randn_like, report
 from .exponential import check_lof, check_order, lams, need_steps
 from .unipc import unipc_orders
 
@@ -243,6 +243,7 @@ def _derivatives(lam_nodes: list, g: list, order: int) -> list:
 
 
 # ----------------------------------------------------------------------------------------------- sampler
+@half_safe
 @torch.no_grad()
 def sample_dpm_solver_v3(denoiser: Callable, x: Tensor, sigmas: Tensor, *, statistics: Statistics,
                          cond: dict | None = None, generator: torch.Generator | None = None,

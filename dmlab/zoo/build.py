@@ -38,6 +38,9 @@ def register(name: str, *, root: pathlib.Path | None = None, measure: bool = Tru
     kind = kind_of(recipe.kind)
     root = root or zoo_dir()
     folder = root / name
+    if not (folder / "train_log.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no trained {name!r} (no train_log.json); train it first with "
+                                f"`python -m dmlab.zoo train {name}" + (f" --out {root}`" if root != zoo_dir() else "`"))
     log = json.loads((folder / "train_log.json").read_text())
     if log["config_hash"] != recipe.config_hash:
         raise ValueError(f"{folder} was trained with config hash {log['config_hash']}, the recipe now hashes to "

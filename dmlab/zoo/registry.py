@@ -2,6 +2,7 @@
 (:mod:`dmlab.zoo.kinds`)."""
 from __future__ import annotations
 
+import os
 import pathlib
 
 from .kinds import kind_of
@@ -18,6 +19,13 @@ def get_entry(name: str, root: pathlib.Path | None = None) -> dict:
         raise TypeError(f"a zoo name is a string such as 'unet_l', got {type(name).__name__}")
     reg = read_registry(root)
     if name not in reg:
+        where = (root or zoo_dir()) / "registry.json"
+        if not where.is_file():
+            raise FileNotFoundError(f"there is no zoo registry at {where}" + (
+                f" (DMLAB_DATA={os.environ['DMLAB_DATA']} must be a folder holding zoo/registry.json, a copy of the "
+                "repository's data/)" if os.environ.get("DMLAB_DATA") and root is None else "") +
+                f"; train {name!r} into it with `python -m dmlab.zoo train {name}`, or point DMLAB_DATA at a copy "
+                "of the repository's data/")
         if name in RECIPES:
             raise ValueError(f"zoo model {name!r} has a recipe but is not in the registry of {root or zoo_dir()}; "
                              f"train it with `python -m dmlab.zoo train {name}`")

@@ -224,3 +224,130 @@ def test_sigma_min_rule_on_an_exact_denoiser(smooth_gmm, cls_name, cfg, solver, 
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     other = state_at_end(solver, smooth_gmm, noise * (1 + s[0] ** 2).sqrt(), s, **kw)
     assert (other - ref).abs().max() > 1e-3  # the default rule lowers a different step
+
+
+# ------------------------------------------------------------------------------- the adapter started mid-schedule
+def _img2img(sch, unet, x0, noise, n, strength, sigmas=None, end=None):
+    """What diffusers' img2img pipelines do: ``set_begin_index(t_start)``, noise the image to ``timesteps[t_start]``
+    and step to the end (``end``: the number of steps to take, default all)."""
+    if sigmas is None:
+        sch.set_timesteps(n)
+    else:
+        sch.set_timesteps(sigmas=sigmas)
+    t_start = int(max(n - min(n * strength, n), 0))
+    sch.set_begin_index(t_start)
+    x = sch.add_noise(x0, noise, sch.timesteps[t_start:t_start + 1])
+    with torch.no_grad():
+        for t in sch.timesteps[t_start:end]:
+            x = sch.step(unet(sch.scale_model_input(x, t), t).sample, t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_3m", "dpm_solver_multistep", "dpm_solver", "unipc", "deis",
+                                    "ddim", "euler"])
+@pytest.mark.parametrize("k", [7, 8, 9])
+def test_adapter_begin_index_with_fewer_steps_than_the_order(solver, k):
+    """The issue's reproducer: 10 steps, ``set_begin_index(k)`` with 1-3 left; the order is lowered, not refused."""
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    sch = as_diffusers_scheduler(solver)
+    sch.set_timesteps(10)
+    sch.set_begin_index(k)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    for t in sch.timesteps[k:]:
+        x = sch.step(0.1 * x, t, x).prev_sample
+    assert torch.isfinite(x).all() and sch.step_index == 10
+    assert all(p <= i - k + 1 for i, p in enumerate(sch._stepper.plan.orders) if i >= k)
+    with pytest.raises(ValueError, match="begin index"):
+        sch.set_timesteps(10)
+        sch.set_begin_index(10)
+        sch.step(x, sch.timesteps[-1], x)
+
+
+@pytest.mark.parametrize("solver, options, cls_name, cfg", [
+    ("dpmpp_2m", {}, "DPMSolverMultistepScheduler", {}),
+    ("dpm_solver_multistep", {"solver_type": "heun"}, "DPMSolverMultistepScheduler", {"solver_type": "heun"}),
+    ("dpmpp_3m", {"variant": "diffusers"}, "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    ("dpm_solver", {"prediction": "data"}, "DPMSolverSinglestepScheduler", {"solver_order": 3}),
+    ("unipc", {}, "UniPCMultistepScheduler", {}),
+    ("deis", {}, "DEISMultistepScheduler", {"solver_order": 3}),
+], ids=["dpmpp_2m", "dpm_solver_multistep_heun", "dpmpp_3m", "dpm_solver_data", "unipc", "deis"])
+@pytest.mark.parametrize("strength", [0.05, 0.1, 0.15, 0.5])
+def test_adapter_img2img_matches_diffusers(unet, solver, options, cls_name, cfg, strength):
+    """An img2img loop (20 steps) with the adapter equals the same loop with diffusers' scheduler of the same
+    algorithm on the same grid: the same order lowering after ``set_begin_index`` (1e-5). diffusers' DEIS stops at
+    the smallest training sigma: the adapter, which goes on to 0, is compared there."""
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    ref_sch = make(cls_name, prediction_type="v_prediction", **cfg)
+    ref = _img2img(ref_sch, unet, x0, noise, 20, strength)
+    ours_sch = as_diffusers_scheduler(solver, ref_sch, **options)
+    out = _img2img(ours_sch, unet, x0, noise, 20, strength, sigmas=zero_end(ref_sch), end=len(ref_sch.timesteps))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------- the adapter keeps the noise schedule
+_SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+@pytest.mark.parametrize("cls_name", ["DPMSolverMultistepScheduler", "DDIMScheduler", "EulerDiscreteScheduler"])
+def test_adapter_keeps_zero_terminal_snr_and_spacing(cls_name):
+    """``rescale_betas_zero_snr``, ``timestep_spacing`` and ``steps_offset`` of the source scheduler are kept by
+    ``as_diffusers_scheduler`` and by ``DmlabScheduler.from_config`` (alphas_cumprod equal to float32 rounding; the
+    zero last one set to 2**-24 as diffusers' DPM-Solver does)."""
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    src = make(cls_name, rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=1,
+               prediction_type="v_prediction", **_SD_BETAS)
+    ref = make("DPMSolverMultistepScheduler", rescale_betas_zero_snr=True, **_SD_BETAS).alphas_cumprod
+    plain = make("DPMSolverMultistepScheduler", **_SD_BETAS).alphas_cumprod
+    ours = as_diffusers_scheduler("dpmpp_2m", src)
+    again = type(ours).from_config(src.config)
+    for s in (ours, again):
+        assert (s.alphas_cumprod - ref).abs().max() < 1e-6 < (s.alphas_cumprod - plain).abs().max()
+        assert s.config.rescale_betas_zero_snr and s.config.prediction_type == "v_prediction"
+        assert (s.config.timestep_spacing, s.config.steps_offset) == ("trailing", 1)
+    s = as_diffusers_scheduler("ddim", src, schedule="discrete", timestep_spacing="leading")
+    assert s.config.timestep_spacing == "leading"  # an explicit argument wins
+    s.set_timesteps(10)
+    assert torch.isfinite(s.sigmas).all() and float(s.sigmas[0]) < 1e4
+
+
+def test_adapter_keeps_trained_betas():
+    from dmlab.samplers.diffusers_compat import as_diffusers_scheduler
+
+    betas = torch.linspace(1e-4, 0.03, 500).tolist()
+    src = make("DDPMScheduler", trained_betas=betas, num_train_timesteps=500)
+    for s in (as_diffusers_scheduler("unipc", src), as_diffusers_scheduler("unipc", src.config)):
+        torch.testing.assert_close(s.alphas_cumprod, src.alphas_cumprod, rtol=0, atol=1e-6)
+    d = DiscreteVPDenoiser.from_scheduler(lambda x, t: x, dict(src.config))
+    want = schedules.sigmas_from_alphas_cumprod(src.alphas_cumprod)
+    torch.testing.assert_close(d.sigmas_train, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cls_name, cfg, match", [
+    ("FlowMatchEulerDiscreteScheduler", {}, "flow-matching"),
+    ("EDMEulerScheduler", {}, "EDM"),
+    ("EulerDiscreteScheduler", {"timestep_type": "continuous", "prediction_type": "v_prediction"}, "continuous"),
+    ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, "flow-matching"),
+])
+def test_schedules_that_are_not_ddpm_are_refused(cls_name, cfg, match):
+    """A scheduler whose noise schedule the adapter cannot keep is refused, never read as the default betas."""
+    from dmlab.samplers.diffusers_compat import _scheduler_class, as_diffusers_scheduler
+
+    src = make(cls_name, **cfg)
+    for build in (lambda: as_diffusers_scheduler("dpmpp_2m", src), lambda: _scheduler_class().from_config(src.config),
+                  lambda: DiscreteVPDenoiser.from_scheduler(lambda x, t: x, src),
+                  lambda: DiscreteVPDenoiser.from_scheduler(lambda x, t: x, dict(src.config))):
+        with pytest.raises(ValueError, match=match):
+            build()
+
+
+def test_zero_snr_from_a_ddim_config_and_instance():
+    """DDIM keeps alpha_bar_T = 0; from_scheduler clamps it (instance) or rebuilds it (config dict) the same way."""
+    src = make("DDIMScheduler", rescale_betas_zero_snr=True, **_SD_BETAS)
+    a = DiscreteVPDenoiser.from_scheduler(lambda x, t: x, src)
+    b = DiscreteVPDenoiser.from_scheduler(lambda x, t: x, dict(src.config))
+    assert a.sigma_max == pytest.approx(b.sigma_max, rel=1e-4) and a.sigma_max == pytest.approx(4096, rel=1e-3)

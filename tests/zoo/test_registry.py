@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from dmlab import zoo
+import dmlab
+from dmlab import _meta, zoo
 from dmlab.zoo import store
 
 
@@ -89,8 +90,8 @@ def test_corrupted_missing_and_unknown(tmp_path):
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(zoo.ZooIntegrityError, match="git checkout"):
-        zoo.load("classifier", root=root)
+    with pytest.raises(zoo.ZooIntegrityError, match=f"dmlab.zoo train classifier --out {root}"):
+        zoo.load("classifier", root=root)  # the fix for a custom root names that root, not git
     f.unlink()
     with pytest.raises(FileNotFoundError, match="missing"):
         zoo.load("classifier", root=root)
@@ -111,7 +112,7 @@ def test_remote_zoo_downloads_verifies_and_fails_clearly_offline(tmp_path, monke
     monkeypatch.setenv("DMLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(store, "raw_url", lambda rel: (src / rel).as_uri())
     clf = zoo.load("classifier")
-    assert (tmp_path / "cache" / "zoo" / "classifier" / "model.safetensors").is_file()
+    assert (tmp_path / "cache" / "zoo" / _meta.ZOO_REF / "classifier" / "model.safetensors").is_file()
     assert sum(p.numel() for p in clf.parameters()) == zoo.info("classifier")["params"]
     monkeypatch.setattr(store, "raw_url", lambda rel: "http://127.0.0.1:9/" + rel)  # nothing listens on port 9
     with pytest.raises(FileNotFoundError, match="DMLAB_DATA"):
@@ -138,3 +139,122 @@ def test_sd_tiny_loads_offline_as_a_stable_diffusion_pipeline():
     assert again.tokenizer("a handwritten seven").input_ids == pipe.tokenizer("a handwritten seven").input_ids
     x = generate(pipe, [7, 3], generator=torch.Generator().manual_seed(0), steps=4)
     assert x.shape == (2, 1, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+# ------------------------------------------------------------------------------------------ a hostile registry
+def _remote(monkeypatch, tmp_path, src, urls=None):
+    """Remote mode served from the folder ``src`` (file:// URLs), cache under tmp_path; ``urls`` collects the URLs."""
+    monkeypatch.setattr(store, "checkout_zoo_dir", lambda: None)
+    monkeypatch.delenv("DMLAB_DATA", raising=False)
+    monkeypatch.setenv("DMLAB_CACHE", str(tmp_path / "cache"))
+
+    def url(rel):
+        if urls is not None:
+            urls.append((store.ZOO_REF, rel))
+        return (src / rel).as_uri()
+
+    monkeypatch.setattr(store, "raw_url", url)
+
+
+def _served(tmp_path, entry_files, name="classifier"):
+    """A served zoo whose registry lists ``entry_files`` for ``name`` (and a bait file next to the served folder)."""
+    src = tmp_path / "served" / "zoo"
+    shutil.copytree(store.zoo_dir() / name, src / name)
+    entry = dict(store.read_registry()[name], files=entry_files)
+    (src / "registry.json").write_text(json.dumps({name: entry}))
+    (tmp_path / "served" / "ESCAPED").write_text("bait")
+    return src
+
+
+@pytest.mark.parametrize("rel", ["../../../ESCAPED", "/etc/passwd", "a/../../ESCAPED", "..\\..\\ESCAPED", "C:x", "",
+                                 "~/x"])
+def test_paths_that_leave_the_zoo_are_refused(tmp_path, monkeypatch, rel):
+    meta = {"sha256": "0" * 64, "bytes": 4}
+    src = _served(tmp_path, {rel: meta})
+    _remote(monkeypatch, tmp_path, src)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    with pytest.raises(zoo.ZooIntegrityError, match="leave the zoo folder"):
+        zoo.load("classifier")
+    new = [p for p in tmp_path.rglob("*") if p not in before]
+    cache = tmp_path / "cache"
+    assert all(p == cache or cache in p.parents for p in new) and not any("ESCAPED" in p.name for p in new)
+    with pytest.raises(zoo.ZooIntegrityError, match="leave the zoo folder"):  # a local root: the same check
+        zoo.names(root=src)
+    with pytest.raises(zoo.ZooIntegrityError, match="leave the zoo folder"):  # and a name that leaves it
+        store.fetch("../x", {"files": {"a": meta}}, src)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "not valid JSON"),
+    ("[]", "top level"),
+    ('{"classifier": {"kind": "classifier"}}', "'files'"),
+    ('{"classifier": {"kind": "classifier", "files": {"a": {"sha256": "zz"}}}}', "sha256"),
+    ('{"classifier": {"kind": "classifier", "files": {"a": {"sha256": "' + "a" * 64 + '"}}}}', "bytes"),
+    ('{"classifier": {"kind": "classifier", "files": {"a": {"sha256": "' + "a" * 64 + '", "bytes": "4"}}}}', "bytes"),
+])
+def test_registry_errors_name_the_file(tmp_path, text, match):
+    root = tmp_path / "zoo"
+    root.mkdir()
+    (root / "registry.json").write_text(text)
+    for call in (lambda: zoo.names(root=root), lambda: zoo.load("classifier", root=root)):
+        with pytest.raises(zoo.ZooIntegrityError, match=match) as err:
+            call()
+        assert str(root / "registry.json") in str(err.value) and "--out" in str(err.value)
+
+
+def test_bytes_are_enforced(tmp_path, monkeypatch):
+    root = _copy_zoo(tmp_path, "classifier")
+    reg = json.loads((root / "registry.json").read_text())
+    reg["classifier"]["files"]["model.safetensors"]["bytes"] += 1
+    (root / "registry.json").write_text(json.dumps(reg))
+    with pytest.raises(zoo.ZooIntegrityError, match="bytes, the registry says"):
+        zoo.load("classifier", root=root)
+    # remote: a download longer than the registry says is stopped, and nothing is kept
+    files = dict(reg["classifier"]["files"])
+    files["model.safetensors"] = dict(files["model.safetensors"], bytes=files["model.safetensors"]["bytes"] - 100)
+    src = _served(tmp_path, files)
+    _remote(monkeypatch, tmp_path, src)
+    with pytest.raises(zoo.ZooIntegrityError, match="longer than"):
+        zoo.load("classifier")
+    assert not list((tmp_path / "cache").rglob("model.safetensors*"))
+
+
+def test_downloads_are_pinned_to_the_package_version_and_refreshed_when_it_changes(tmp_path, monkeypatch):
+    import re
+    import tomllib
+
+    version = tomllib.loads((store.PACKAGE_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert _meta.VERSION == dmlab.__version__ == version and _meta.ZOO_REF == f"v{version}"
+    url = store.raw_url("registry.json")
+    assert f"/{_meta.ZOO_REF}/data/zoo/registry.json" in url and not re.search(r"/(main|master)/", url)
+    urls = []
+    _remote(monkeypatch, tmp_path, store.zoo_dir(), urls)
+    assert zoo.names() and urls == [(_meta.ZOO_REF, "registry.json")]
+    zoo.names()
+    assert len(urls) == 1  # cached for this version
+    monkeypatch.setattr(store, "ZOO_REF", "v99.0.0")
+    assert store.zoo_dir() == tmp_path / "cache" / "zoo" / "v99.0.0"
+    assert zoo.names() and urls[-1] == ("v99.0.0", "registry.json")  # a new version: a fresh registry
+    # a corrupted cached registry is downloaded again once
+    (store.zoo_dir() / "registry.json").write_text("{oops")
+    assert zoo.names() and len(urls) == 3
+
+
+def test_a_corrupted_remote_file_offline_is_kept_and_the_error_says_both(tmp_path, monkeypatch):
+    _remote(monkeypatch, tmp_path, store.zoo_dir())
+    zoo.load("classifier")
+    f = store.zoo_dir() / "classifier" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    monkeypatch.setattr(store, "raw_url", lambda rel: "http://127.0.0.1:9/" + rel)  # nothing listens on port 9
+    with pytest.raises(zoo.ZooIntegrityError, match="sha256.*downloading it again failed"):
+        zoo.load("classifier")
+    assert f.is_file()
+
+
+def test_a_missing_registry_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "checkout_zoo_dir", lambda: None)
+    monkeypatch.setenv("DMLAB_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="no zoo registry at .*nowhere.*DMLAB_DATA"):
+        zoo.load("unet_s")
