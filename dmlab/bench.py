@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -274,16 +275,32 @@ def _fmt(v: Any, digits: int) -> str:
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, digits: int = 2,
-                 title: str | None = None) -> str:
-    """A plain-text table of ``rows`` (dicts), columns in first-seen order unless given; floats with ``digits``."""
+                 title: str | None = None, width: int | None = 88) -> str:
+    """A plain-text table of ``rows`` (dicts), columns in first-seen order unless given; floats with ``digits``.
+
+    When the table would be wider than ``width`` characters (88, the book's code width; ``None``: no limit), the
+    first column (the row labels) is narrowed and long labels wrap onto continuation lines, indented by two spaces.
+    """
     rows = list(rows)
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
     cells = [[_fmt(r.get(c), digits) for c in columns] for r in rows]
     widths = [max(len(str(c)), *(len(row[i]) for row in cells)) if cells else len(str(c)) for i, c in enumerate(columns)]
+    if width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
+        rest = sum(widths[1:]) + 2 * (len(widths) - 1)
+        widths[0] = max(len(str(columns[0])), 12, width - rest)
     line = lambda vals: "  ".join(  # noqa: E731
         v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
-    out = [line([str(c) for c in columns]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
+
+    def body(row):
+        if len(row[0]) <= widths[0]:
+            return [line(row)]
+        label = textwrap.wrap(row[0], widths[0], subsequent_indent="  ", break_on_hyphens=False)
+        # the numbers go on the label's last line: a wrapped label reads top to bottom into its values
+        return label[:-1] + [line([label[-1], *row[1:]])]
+
+    out = [line([str(c) for c in columns]), "  ".join("-" * w for w in widths)]
+    out += [ln for r in cells for ln in body(r)]
     return "\n".join(([title] if title else []) + out)
 
 
