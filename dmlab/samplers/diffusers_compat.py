@@ -219,7 +219,22 @@ def _scheduler_class():
         def __len__(self):
             return self.config.num_train_timesteps
 
+    DmlabScheduler.__qualname__ = "DmlabScheduler"  # a module-level name: pickles, and pipelines find it
+    DmlabSchedulerOutput.__qualname__ = "DmlabSchedulerOutput"
     return DmlabScheduler
+
+
+def __getattr__(name: str):
+    """``DmlabScheduler`` at module level, built on first use so that diffusers is imported
+    only when needed. A saved pipeline names it ``("dmlab", "DmlabScheduler")`` in ``model_index.json``;
+    ``dmlab.DmlabScheduler`` resolves here, so ``from_pretrained`` reloads it."""
+    if name == "DmlabScheduler":
+        return _scheduler_class()
+    if name == "SchedulerMixin":  # diffusers picks the loading method by the base classes the library exposes
+        from diffusers import SchedulerMixin
+
+        return SchedulerMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def as_diffusers_scheduler(solver: str = "dpmpp_2m", scheduler=None, *, schedule: str = "karras",

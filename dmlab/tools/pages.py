@@ -17,7 +17,7 @@ import json
 import pathlib
 import sys
 
-__all__ = ["check_pages", "main", "ROOT"]
+__all__ = ["check_pages", "browser_paths", "main", "ROOT"]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -46,6 +46,22 @@ return out;
 """
 
 
+# wait until MathJax has typeset the page (when it is on the page), then a moment for late layout; 10 s at most
+_SETTLE = r"""
+const done = (window.MathJax && MathJax.startup && MathJax.startup.promise) || Promise.resolve();
+return Promise.race([done.then(() => new Promise(r => setTimeout(r, 300))),
+                     new Promise(r => setTimeout(r, 10000))]);
+"""
+
+
+def browser_paths() -> tuple[str | None, str | None]:
+    """``(chromium, chromedriver)`` executables on this machine (``None`` for one that is missing)."""
+    import shutil
+
+    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    return chromium, shutil.which("chromedriver")
+
+
 def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: bool = True) -> dict:
     """``{page: problems}`` for every HTML page of the built book (an empty list when a page is fine)."""
     try:
@@ -61,8 +77,11 @@ def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: b
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
               f"--window-size={width},{height}"):
         opts.add_argument(a)
-    opts.binary_location = "/usr/bin/chromium"
-    service = webdriver.ChromeService(executable_path="/usr/bin/chromedriver")
+    chromium, driver = browser_paths()
+    if chromium is None or driver is None:
+        raise RuntimeError("the page check needs Chromium and ChromeDriver: apt-get install chromium chromium-driver")
+    opts.binary_location = chromium
+    service = webdriver.ChromeService(executable_path=driver)
     drv = webdriver.Chrome(options=opts, service=service)
     drv.set_page_load_timeout(30)
     out_dir = html.parent / "screenshots"
@@ -78,7 +97,7 @@ def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: b
             except Exception as e:  # a page that never finishes loading (a blocked CDN) is a problem too
                 report[rel] = [f"did not load in 30 s ({type(e).__name__})"]
                 continue
-            drv.execute_script("return new Promise(r => setTimeout(r, 1500))")
+            drv.execute_script(_SETTLE)
             r = drv.execute_script(_PROBE)
             probs = [f"{o['kind']} {o['over']} px too wide: {o['text']!r}" for o in r["overflow"]]
             if r["raw_math"]:

@@ -5,7 +5,7 @@ Files are found, in this order:
 1. the repository's ``data/zoo`` when dmlab runs from a checkout (``dmlab/`` next to ``data/``);
 2. ``$DMLAB_DATA/zoo`` when the ``DMLAB_DATA`` environment variable is set;
 3. otherwise (a ``pip install`` from git, which does not ship ``data/``) each file is downloaded from
-   ``https://raw.githubusercontent.com/<REPO>/<BRANCH>/data/zoo/...`` (:mod:`dmlab._meta`) into a cache directory
+   ``https://raw.githubusercontent.com/<REPO>/<REF>/data/zoo/...`` (:mod:`dmlab._meta`) into a cache directory
    (``$DMLAB_CACHE`` or ``~/.cache/dmlab``) and its sha256 checked against the registry. Offline this fails with one
    message saying what to do.
 
@@ -18,7 +18,7 @@ import json
 import os
 import pathlib
 
-from .._meta import BRANCH, REPO
+from .._meta import REF, REPO
 
 PACKAGE_ROOT = pathlib.Path(__file__).resolve().parents[2]
 REGISTRY_NAME = "registry.json"
@@ -52,7 +52,7 @@ def zoo_dir() -> pathlib.Path:
 
 def raw_url(rel: str) -> str:
     """The raw.githubusercontent.com URL of ``data/zoo/<rel>`` on the book's branch."""
-    return f"https://raw.githubusercontent.com/{REPO}/{BRANCH}/data/zoo/{rel}"
+    return f"https://raw.githubusercontent.com/{REPO}/{REF}/data/zoo/{rel}"
 
 
 def sha256(path: str | os.PathLike) -> str:
