@@ -120,7 +120,8 @@ def _set_offline_for(sc: "Scale") -> None:
 
 
 def setup(seed: int = 0, *, scale: str | None = None, deterministic: bool = True) -> tuple[Scale, torch.Generator]:
-    """Prepare a chapter: pick the scale, seed everything, quiet the libraries; return ``(SCALE, gen)``.
+    """Prepare a chapter: pick the scale, seed everything, quiet the libraries, apply the book's figure style
+    (:func:`dmlab.viz.use_style`); return ``(SCALE, gen)``.
 
     At tiny scale the Hugging Face hub is put in offline mode (``HF_HUB_OFFLINE=1``) unless the caller set it, so a
     missing model fails at once instead of retrying for half a minute. A later full-scale ``setup`` in the same
@@ -134,5 +135,8 @@ def setup(seed: int = 0, *, scale: str | None = None, deterministic: bool = True
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_printoptions(precision=4, sci_mode=False)
+    from . import viz
+
+    viz.use_style()  # the book's one figure style
     gen = seed_everything(seed, deterministic=deterministic)
     return sc, gen
