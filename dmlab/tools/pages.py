@@ -104,11 +104,14 @@ def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: b
                 probs.append(f"{r['raw_math']} text node(s) with unrendered math")
             probs += [f"network request: {u}" for u in sorted(set(r["requests"]))]
             report[rel] = probs
-            if shots:
-                h = drv.execute_script("return document.body.scrollHeight")
-                drv.set_window_size(width, min(int(h), 20000))
-                drv.save_screenshot(str(out_dir / (rel.replace("/", "__") + ".png")))
-                drv.set_window_size(width, height)
+            if shots:  # the whole page (up to 20,000 px) as JPEG through the DevTools protocol: no relayout
+                import base64
+
+                h = min(int(drv.execute_script("return document.documentElement.scrollHeight")), 20000)
+                shot = drv.execute_cdp_cmd("Page.captureScreenshot", {
+                    "format": "jpeg", "quality": 70, "captureBeyondViewport": True,
+                    "clip": {"x": 0, "y": 0, "width": width, "height": h, "scale": 1}})
+                (out_dir / (rel.replace("/", "__") + ".jpg")).write_bytes(base64.b64decode(shot["data"]))
     finally:
         drv.quit()
     return report
