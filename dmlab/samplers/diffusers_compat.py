@@ -6,7 +6,7 @@ loads with ``save_pretrained``/``from_config``) that runs the *same* :class:`~dm
 ``x_vp = alpha x`` (``alpha = 1 / sqrt(1 + sigma^2)``), calls the network at the timestep the scheduler lists and
 hands the raw output to ``step``; the adapter turns that output into ``D`` exactly as
 :class:`~dmlab.denoisers.DiscreteVPDenoiser` does and advances the plan. Timesteps are the (possibly fractional)
-training indices of the schedule's sigmas (``DiscreteVPDenoiser.sigma_to_t``), so
+training indices of the schedule's sigmas (``DiscreteVPDenoiser.sigma_to_t``), so::
 
     pipeline with as_diffusers_scheduler(name, scheduler, **opts)  ==  sample_<name>(DiscreteVPDenoiser(unet, ...),
                                                                           noise * sqrt(1 + sigmas[0]^2), sigmas, **opts)
