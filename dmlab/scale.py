@@ -101,6 +101,26 @@ def _hub_offline_flag(value: bool) -> None:
         constants.HF_HUB_OFFLINE = value
 
 
+def _set_progress_for(sc: "Scale") -> None:
+    """Hub download bars: off at tiny scale (nothing is downloaded; stored outputs stay clean), on at full scale
+    (gigabytes are), unless the caller set ``HF_HUB_DISABLE_PROGRESS_BARS`` themselves."""
+    import sys
+
+    key = "HF_HUB_DISABLE_PROGRESS_BARS"
+    if sc.tiny:
+        if key not in os.environ:
+            os.environ[key] = _SET_BY_SETUP[key] = "1"
+        disabled = True
+    elif _SET_BY_SETUP.pop(key, None) is not None and os.environ.get(key) == "1":
+        del os.environ[key]
+        disabled = False
+    else:
+        return
+    constants = getattr(sys.modules.get("huggingface_hub"), "constants", None)
+    if constants is not None and hasattr(constants, key):  # read once at import: keep it in step
+        constants.HF_HUB_DISABLE_PROGRESS_BARS = True if disabled else None
+
+
 def _set_offline_for(sc: "Scale") -> None:
     on = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
     if sc.tiny:
@@ -130,7 +150,7 @@ def setup(seed: int = 0, *, scale: str | None = None, deterministic: bool = True
     """
     sc = get_scale(scale)
     _set_offline_for(sc)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _set_progress_for(sc)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
