@@ -44,7 +44,9 @@ def num_threads(n: int = 1):
 @dataclass(frozen=True)
 class Timing:
     """Interleaved timing of a baseline and a method: ``speedup`` = median over pairs of ``t_baseline / t_method``,
-    with ``lo``/``hi`` the smallest and largest pair ratio; ``baseline_s``/``method_s`` are median seconds."""
+    with ``lo``/``hi`` the smallest and largest pair ratio; ``baseline_s``/``method_s`` are median seconds.
+    On a CUDA GPU ``baseline_peak_bytes``/``method_peak_bytes`` are the largest extra GPU memory one call
+    allocated (``torch.cuda.max_memory_allocated`` above what was allocated before it); None on the CPU."""
 
     speedup: float
     lo: float
@@ -53,6 +55,8 @@ class Timing:
     method_s: float
     pairs: int
     threads: int
+    baseline_peak_bytes: int | None = None
+    method_peak_bytes: int | None = None
 
     def __str__(self) -> str:
         return f"{self.speedup:.2f}x [{self.lo:.2f}-{self.hi:.2f}]"
@@ -64,7 +68,9 @@ def time_pair(baseline: Callable[[], Any], method: Callable[[], Any], *, pairs: 
 
     With ``threads=1`` the per-pair ratios are stable under load; the median of ``pairs`` ratios is
     reported with its range. ``clock="process"`` uses ``time.process_time`` (CPU time of this process) instead of
-    wall time. Never assert on the result in a test.
+    wall time. When CUDA is in use, every call is bracketed by ``torch.cuda.synchronize()`` (kernels run
+    asynchronously: without it the clock stops before the GPU has finished) and its peak memory is recorded.
+    Never assert on the result in a test.
     """
     if not (callable(baseline) and callable(method)):
         raise TypeError("baseline and method must be zero-argument callables, e.g. lambda: sample(...)")
@@ -75,23 +81,35 @@ def time_pair(baseline: Callable[[], Any], method: Callable[[], Any], *, pairs: 
     if clock not in ("wall", "process"):
         raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}")
     now = time.perf_counter if clock == "wall" else time.process_time
+    pb: list[int] = []  # peak bytes per timed call (CUDA only)
+    pm: list[int] = []
 
-    def once(fn):
+    def once(fn, peaks=None):
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         t0 = now()
         fn()
-        return now() - t0
+        if cuda:
+            torch.cuda.synchronize()
+        dt = now() - t0
+        if cuda and peaks is not None:
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+        return dt
 
     tb, tm = [], []
     with num_threads(threads):
         for _ in range(warmup):
-            baseline()
-            method()
+            once(baseline)
+            once(method)
         for _ in range(pairs):
-            tb.append(once(baseline))
-            tm.append(once(method))
+            tb.append(once(baseline, pb))
+            tm.append(once(method, pm))
     ratios = [b / max(m, 1e-12) for b, m in zip(tb, tm)]
     return Timing(statistics.median(ratios), min(ratios), max(ratios), statistics.median(tb), statistics.median(tm),
-                  pairs, threads)
+                  pairs, threads, max(pb, default=None), max(pm, default=None))
 
 
 def count_flops(fn: Callable, *args, **kwargs) -> int:

@@ -76,3 +76,8 @@ def test_table_text_and_figure():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_time_pair_on_the_cpu_reports_no_gpu_memory():
+    t = bench.time_pair(lambda: sum(range(1000)), lambda: sum(range(10)), pairs=2, warmup=0)
+    assert t.baseline_peak_bytes is None and t.method_peak_bytes is None and t.pairs == 2
