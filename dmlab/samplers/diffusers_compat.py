@@ -9,7 +9,8 @@ hands the raw output to ``step``; the adapter turns that output into ``D`` exact
 training indices of the schedule's sigmas (``DiscreteVPDenoiser.sigma_to_t``), so::
 
     pipeline with as_diffusers_scheduler(name, scheduler, **opts)
-      ==  sample_<name>(DiscreteVPDenoiser(unet, ...), noise * sqrt(1 + sigmas[0]^2), sigmas, **opts)
+      ==  sample_<name>(DiscreteVPDenoiser(unet, ...), noise * sqrt(1 + sigmas[0]^2),
+                        sigmas, **opts)
 
 to float rounding (``tests/samplers/test_cross_library.py``). ``init_noise_sigma`` is 1: the VP start ``x_vp = noise``.
 Solver names: ``ddim``, ``euler`` (the same step), ``dpmpp_2m``, ``dpmpp_3m``, ``dpm_solver_multistep``,
