@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
+import textwrap
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -43,7 +44,9 @@ def num_threads(n: int = 1):
 @dataclass(frozen=True)
 class Timing:
     """Interleaved timing of a baseline and a method: ``speedup`` = median over pairs of ``t_baseline / t_method``,
-    with ``lo``/``hi`` the smallest and largest pair ratio; ``baseline_s``/``method_s`` are median seconds."""
+    with ``lo``/``hi`` the smallest and largest pair ratio; ``baseline_s``/``method_s`` are median seconds.
+    On a CUDA GPU ``baseline_peak_bytes``/``method_peak_bytes`` are the largest extra GPU memory one call
+    allocated (``torch.cuda.max_memory_allocated`` above what was allocated before it); None on the CPU."""
 
     speedup: float
     lo: float
@@ -52,6 +55,8 @@ class Timing:
     method_s: float
     pairs: int
     threads: int
+    baseline_peak_bytes: int | None = None
+    method_peak_bytes: int | None = None
 
     def __str__(self) -> str:
         return f"{self.speedup:.2f}x [{self.lo:.2f}-{self.hi:.2f}]"
@@ -63,7 +68,9 @@ def time_pair(baseline: Callable[[], Any], method: Callable[[], Any], *, pairs: 
 
     With ``threads=1`` the per-pair ratios are stable under load; the median of ``pairs`` ratios is
     reported with its range. ``clock="process"`` uses ``time.process_time`` (CPU time of this process) instead of
-    wall time. Never assert on the result in a test.
+    wall time. When CUDA is in use, every call is bracketed by ``torch.cuda.synchronize()`` (kernels run
+    asynchronously: without it the clock stops before the GPU has finished) and its peak memory is recorded.
+    Never assert on the result in a test.
     """
     if not (callable(baseline) and callable(method)):
         raise TypeError("baseline and method must be zero-argument callables, e.g. lambda: sample(...)")
@@ -74,23 +81,35 @@ def time_pair(baseline: Callable[[], Any], method: Callable[[], Any], *, pairs: 
     if clock not in ("wall", "process"):
         raise ValueError(f"clock must be 'wall' or 'process', got {clock!r}")
     now = time.perf_counter if clock == "wall" else time.process_time
+    pb: list[int] = []  # peak bytes per timed call (CUDA only)
+    pm: list[int] = []
 
-    def once(fn):
+    def once(fn, peaks=None):
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         t0 = now()
         fn()
-        return now() - t0
+        if cuda:
+            torch.cuda.synchronize()
+        dt = now() - t0
+        if cuda and peaks is not None:
+            peaks.append(torch.cuda.max_memory_allocated() - before)
+        return dt
 
     tb, tm = [], []
     with num_threads(threads):
         for _ in range(warmup):
-            baseline()
-            method()
+            once(baseline)
+            once(method)
         for _ in range(pairs):
-            tb.append(once(baseline))
-            tm.append(once(method))
+            tb.append(once(baseline, pb))
+            tm.append(once(method, pm))
     ratios = [b / max(m, 1e-12) for b, m in zip(tb, tm)]
     return Timing(statistics.median(ratios), min(ratios), max(ratios), statistics.median(tb), statistics.median(tm),
-                  pairs, threads)
+                  pairs, threads, max(pb, default=None), max(pm, default=None))
 
 
 def count_flops(fn: Callable, *args, **kwargs) -> int:
@@ -274,16 +293,32 @@ def _fmt(v: Any, digits: int) -> str:
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str] | None = None, *, digits: int = 2,
-                 title: str | None = None) -> str:
-    """A plain-text table of ``rows`` (dicts), columns in first-seen order unless given; floats with ``digits``."""
+                 title: str | None = None, width: int | None = 88) -> str:
+    """A plain-text table of ``rows`` (dicts), columns in first-seen order unless given; floats with ``digits``.
+
+    When the table would be wider than ``width`` characters (88, the book's code width; ``None``: no limit), the
+    first column (the row labels) is narrowed and long labels wrap onto continuation lines, indented by two spaces.
+    """
     rows = list(rows)
     if columns is None:
         columns = list(dict.fromkeys(k for r in rows for k in r))
     cells = [[_fmt(r.get(c), digits) for c in columns] for r in rows]
     widths = [max(len(str(c)), *(len(row[i]) for row in cells)) if cells else len(str(c)) for i, c in enumerate(columns)]
+    if width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
+        rest = sum(widths[1:]) + 2 * (len(widths) - 1)
+        widths[0] = max(len(str(columns[0])), 12, width - rest)
     line = lambda vals: "  ".join(  # noqa: E731
         v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(vals, widths)))
-    out = [line([str(c) for c in columns]), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
+
+    def body(row):
+        if len(row[0]) <= widths[0]:
+            return [line(row)]
+        label = textwrap.wrap(row[0], widths[0], subsequent_indent="  ", break_on_hyphens=False)
+        # the numbers go on the label's last line: a wrapped label reads top to bottom into its values
+        return label[:-1] + [line([label[-1], *row[1:]])]
+
+    out = [line([str(c) for c in columns]), "  ".join("-" * w for w in widths)]
+    out += [ln for r in cells for ln in body(r)]
     return "\n".join(([title] if title else []) + out)
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["MIME", "STATUSES", "VERDICTS", "MIN_SEEDS", "Interval", "Claim", "bootstrap", "paired_bootstrap",
-           "decide", "fmt", "record"]
+           "decide", "fmt", "record", "recap"]
 
 MIME = "application/vnd.dmlab.claim+json"
 MIN_SEEDS = 3
@@ -321,6 +322,21 @@ def record(paper: int, claim: str, *, status: str | None = None, metric: str = "
         _display({"text/markdown": c.markdown(), "text/plain": c.markdown()}, metadata={MIME: c.to_json()},
                  raw=True)
     return c
+
+
+def recap(records, *, width: int = 88) -> str:
+    """A chapter's claim records as plain text at most ``width`` characters wide: per record one line with the
+    paper, its status and the difference with its interval, then the claim (sub-claims marked ``(sub)``) shortened
+    to one indented line."""
+    records = list(records)
+    head = f"{'paper':>5s}  {'status':14s} difference [95% interval]"
+    out = [head, "-" * len(head)]
+    for c in records:
+        iv = fmt(Interval(**c.diff)) if c.diff else "-"
+        out.append(f"{c.paper:5d}  {c.status:14s} {iv}")
+        text = ("" if c.primary else "(sub) ") + c.claim
+        out.append(" " * 7 + textwrap.shorten(text, width - 7, placeholder=" ..."))
+    return "\n".join(out)
 
 
 def from_notebook(path) -> list[Claim]:

@@ -197,17 +197,17 @@ def toy_gmm8_params(*, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tens
 def toy_2d(name: str, n: int, *, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
     """``n`` samples ``[n, 2]`` from a named 2-D toy distribution.
 
-    ==============  ==================================================================================
-    name            distribution
-    ==============  ==================================================================================
-    ``gmm8``        8 Gaussians on a ring of radius 2, std 0.2 (exact parameters: :func:`toy_gmm8_params`)
-    ``two_moons``   scikit-learn-style moons, noise std 0.1, centred (shifted by (-0.5, -0.25)), x1.5
-    ``checkerboard`` uniform on the 8 "black" unit squares of a 4x4 board covering ``[-2, 2]^2``
-    ``swiss_roll``  ``t (cos t, sin t) / 5`` with ``t ~ U[1.5 pi, 4.5 pi]``, plus noise std 0.1
-    ``circle``      uniform on the unit circle (no noise: a 1-D manifold)
-    ``spiral``      two interleaved arms ``+-(0.8 t / pi)(cos t, sin t)``, ``t = 3 pi sqrt(u)``
-                    (uniform along the arc), noise std 0.05
-    ==============  ==================================================================================
+    ================  ================================================================================
+    name              distribution
+    ================  ================================================================================
+    ``gmm8``          8 Gaussians on a ring of radius 2, std 0.2 (exact parameters: :func:`toy_gmm8_params`)
+    ``two_moons``     scikit-learn-style moons, noise std 0.1, centred (shifted by (-0.5, -0.25)), x1.5
+    ``checkerboard``  uniform on the 8 "black" unit squares of a 4x4 board covering ``[-2, 2]^2``
+    ``swiss_roll``    ``t (cos t, sin t) / 5`` with ``t ~ U[1.5 pi, 4.5 pi]``, plus noise std 0.1
+    ``circle``        uniform on the unit circle (no noise: a 1-D manifold)
+    ``spiral``        two interleaved arms ``+-(0.8 t / pi)(cos t, sin t)``, ``t = 3 pi sqrt(u)``
+                      (uniform along the arc), noise std 0.05
+    ================  ================================================================================
 
     All draws use ``generator`` (in float64 on its device, then cast to ``dtype``): the same seed gives
     the same bits, and float32/float64 samples agree to float32 rounding.

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-__all__ = ["HubUnavailableError", "resolve", "load_sd", "load_dit", "load_dinov2", "REPOS"]
+__all__ = ["HubUnavailableError", "resolve", "load_sd", "load_dit", "load_dinov2", "REPOS", "REVISIONS"]
 
 REPOS = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -32,6 +32,10 @@ REPOS = {
     "dinov2-small": "facebook/dinov2-small",
     "dinov2-base": "facebook/dinov2-base",
 }
+# The hub revision (a commit hash) each repository is loaded at: set one to pin the weights a chapter's numbers came
+# from; None loads the repository's default branch. ``DMLAB_REVISION_<KEY>`` (e.g. DMLAB_REVISION_SD15) overrides.
+REVISIONS: dict[str, str | None] = {k: os.environ.get(f"DMLAB_REVISION_{k.upper().replace('-', '_')}") or None
+                                    for k in REPOS}
 _TINY = {"sd": "dmlab.zoo.load('sd_tiny')", "dit": "dmlab.zoo.load_denoiser('dit_l')",
          "dinov2": "the zoo classifier's features (dmlab.metrics.digits_features)"}
 
@@ -169,6 +173,26 @@ def _quiet():
         yield
 
 
+_FP16_VARIANT = {"sd15"}  # repositories that ship ``*.fp16.safetensors`` weights
+
+
+def _hub_kwargs(repo_id: str, dtype: torch.dtype) -> dict:
+    """``revision`` (:data:`REVISIONS`) and, for a hub repository that ships one, the fp16 ``variant`` when the
+    model is loaded in float16 (half the download of the fp32 weights)."""
+    key = next((k for k, v in REPOS.items() if v == repo_id), None)
+    if key is None:  # a local folder or another repository: as it is
+        return {}
+    kw = {"revision": REVISIONS.get(key)} if REVISIONS.get(key) else {}
+    if key in _FP16_VARIANT and dtype == torch.float16:
+        kw["variant"] = "fp16"
+    return kw
+
+
+def _progress_off() -> bool:
+    """Sampling and download progress bars: off where hub bars are off (tiny scale, CI), on at full scale."""
+    return os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _wrap_os_error(repo_id: str, family: str, err: Exception):
     msg = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
     if _looks_like_path(repo_id):
@@ -182,7 +206,8 @@ def _wrap_os_error(repo_id: str, family: str, err: Exception):
 def load_sd(version: str = "1.5", *, repo_id: str | None = None, device: str | None = None, dtype=None,
             require_gpu: bool = True, scheduler: str | None = None):
     """Stable Diffusion ``version`` ``"1.5"``, ``"2.1"`` or ``"2.1-base"`` as a ``StableDiffusionPipeline`` on
-    ``device`` (default: the GPU) in ``dtype`` (default float16 on CUDA), safety checker off, progress bar off.
+    ``device`` (default: the GPU) in ``dtype`` (default float16 on CUDA: the repository's fp16 weights), safety
+    checker off, progress bars on at full scale (off at tiny scale), at the revision in :data:`REVISIONS`.
 
     ``scheduler="ddim"`` swaps in a ``DDIMScheduler`` from the pipeline's own config. Rombach et al. 2022.
     """
@@ -199,16 +224,17 @@ def load_sd(version: str = "1.5", *, repo_id: str | None = None, device: str | N
 
     try:
         with _quiet():
-            pipe = StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device),
-                                                           safety_checker=None, requires_safety_checker=False,
-                                                           local_files_only=local)
+            dt = _dtype(dtype, device)
+            pipe = StableDiffusionPipeline.from_pretrained(repo_id, torch_dtype=dt, safety_checker=None,
+                                                           requires_safety_checker=False, local_files_only=local,
+                                                           **_hub_kwargs(repo_id, dt))
     except (OSError, ValueError, KeyError, TypeError) as err:
         _wrap_os_error(repo_id, "sd", err)
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler is not None:
         raise ValueError(f"scheduler must be None or 'ddim', got {scheduler!r}")
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=_progress_off())
     return pipe.to(device)
 
 
@@ -223,10 +249,12 @@ def load_dit(*, repo_id: str | None = None, device: str | None = None, dtype=Non
 
     try:
         with _quiet():
-            pipe = DiTPipeline.from_pretrained(repo_id, torch_dtype=_dtype(dtype, device), local_files_only=local)
+            dt = _dtype(dtype, device)
+            pipe = DiTPipeline.from_pretrained(repo_id, torch_dtype=dt, local_files_only=local,
+                                               **_hub_kwargs(repo_id, dt))
     except (OSError, ValueError, KeyError, TypeError) as err:
         _wrap_os_error(repo_id, "dit", err)
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=_progress_off())
     return pipe.to(device)
 
 
@@ -245,8 +273,9 @@ def load_dinov2(size: str = "small", *, repo_id: str | None = None, device: str 
     from transformers import AutoImageProcessor, AutoModel
 
     try:
-        model = AutoModel.from_pretrained(repo_id, dtype=_dtype(dtype, device), local_files_only=local)
-        processor = AutoImageProcessor.from_pretrained(repo_id, local_files_only=local)
+        rev = _hub_kwargs(repo_id, torch.float32)  # revision only
+        model = AutoModel.from_pretrained(repo_id, dtype=_dtype(dtype, device), local_files_only=local, **rev)
+        processor = AutoImageProcessor.from_pretrained(repo_id, local_files_only=local, **rev)
     except (OSError, ValueError, KeyError, TypeError) as err:
         _wrap_os_error(repo_id, "dinov2", err)
     return model.to(device).eval(), processor

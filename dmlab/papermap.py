@@ -307,7 +307,7 @@ def render_paper_map(papers, *, toc_path="_toc.yml", records=None) -> str:
             continue
         out += [f"## {part}", "", "| # | paper | chapter and code | status |", "|---|---|---|---|"]
         for r in rows:
-            api = f" · `{r['api']}`" if r.get("api") else ""
+            api = f" · {{py:obj}}`{r['api']}`" if r.get("api") else ""  # a link into book/api.md
             short, title = r["short"], r["title"]
             if title.lower().startswith(short.lower() + ":"):  # "DeepCache: Accelerating ..." -> no repetition
                 title = title[len(short) + 1:].lstrip()

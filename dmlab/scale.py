@@ -101,6 +101,26 @@ def _hub_offline_flag(value: bool) -> None:
         constants.HF_HUB_OFFLINE = value
 
 
+def _set_progress_for(sc: "Scale") -> None:
+    """Hub download bars: off at tiny scale (nothing is downloaded; stored outputs stay clean), on at full scale
+    (gigabytes are), unless the caller set ``HF_HUB_DISABLE_PROGRESS_BARS`` themselves."""
+    import sys
+
+    key = "HF_HUB_DISABLE_PROGRESS_BARS"
+    if sc.tiny:
+        if key not in os.environ:
+            os.environ[key] = _SET_BY_SETUP[key] = "1"
+        disabled = True
+    elif _SET_BY_SETUP.pop(key, None) is not None and os.environ.get(key) == "1":
+        del os.environ[key]
+        disabled = False
+    else:
+        return
+    constants = getattr(sys.modules.get("huggingface_hub"), "constants", None)
+    if constants is not None and hasattr(constants, key):  # read once at import: keep it in step
+        constants.HF_HUB_DISABLE_PROGRESS_BARS = True if disabled else None
+
+
 def _set_offline_for(sc: "Scale") -> None:
     on = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
     if sc.tiny:
@@ -120,7 +140,8 @@ def _set_offline_for(sc: "Scale") -> None:
 
 
 def setup(seed: int = 0, *, scale: str | None = None, deterministic: bool = True) -> tuple[Scale, torch.Generator]:
-    """Prepare a chapter: pick the scale, seed everything, quiet the libraries; return ``(SCALE, gen)``.
+    """Prepare a chapter: pick the scale, seed everything, quiet the libraries, apply the book's figure style
+    (:func:`dmlab.viz.use_style`); return ``(SCALE, gen)``.
 
     At tiny scale the Hugging Face hub is put in offline mode (``HF_HUB_OFFLINE=1``) unless the caller set it, so a
     missing model fails at once instead of retrying for half a minute. A later full-scale ``setup`` in the same
@@ -129,10 +150,13 @@ def setup(seed: int = 0, *, scale: str | None = None, deterministic: bool = True
     """
     sc = get_scale(scale)
     _set_offline_for(sc)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _set_progress_for(sc)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_printoptions(precision=4, sci_mode=False)
+    from . import viz
+
+    viz.use_style()  # the book's one figure style
     gen = seed_everything(seed, deterministic=deterministic)
     return sc, gen

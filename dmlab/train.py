@@ -400,6 +400,36 @@ def ddpm_batch(x0: Tensor, alphas_cumprod: Tensor, batch_size: int, generator: t
 
 
 # ----------------------------------------------------------------------------------------------- the loop
+class _FinishedText:
+    """A progress bar that prints one line when it closes (``desc: n/total steps, loss ...``): what a chapter
+    executed for the book stores, instead of a widget whose text fallback reads ``0%``."""
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", disable: bool = False):
+        self.total, self.n, self.desc, self.disable, self.postfix = total, initial, desc, disable, {}
+
+    def update(self, k: int = 1):
+        self.n += k
+
+    def set_postfix(self, **kw):
+        self.postfix = kw
+
+    def close(self):
+        if not self.disable:
+            extra = "".join(f", {k} {v}" for k, v in self.postfix.items())
+            print(f"{self.desc or 'training'}: {self.n}/{self.total} steps{extra}", file=sys.stderr, flush=True)
+            self.disable = True
+
+
+def _progress_bar(*, total: int, initial: int, desc: str, disable: bool):
+    """tqdm (a widget in Jupyter, text in a terminal); finished text when a chapter is executed for the book
+    (``DMLAB_CI`` set by :func:`dmlab.tools.env.apply_ci_env`)."""
+    if os.environ.get("DMLAB_CI"):
+        return _FinishedText(total, initial, desc, disable)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=disable, mininterval=2.0)
+
+
 def fit(loss: Callable[[Any], Tensor], model: nn.Module | None, config: FitConfig, *,
         generator: torch.Generator, data: Callable[[torch.Generator], Any] | None = None,
         params: list[Tensor] | None = None, run: str | os.PathLike | None = None, run_key: str = "",
@@ -477,10 +507,8 @@ def fit(loss: Callable[[Any], Tensor], model: nn.Module | None, config: FitConfi
 
     end = config.steps if stop_after is None else min(config.steps, stop_after)
     window: list[float] = losses[len(losses) - (step % config.log_every):] if step % config.log_every else []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=config.steps, initial=step, desc=config.desc, disable=not config.progress or rank != 0,
-               mininterval=2.0)
+    bar = _progress_bar(total=config.steps, initial=step, desc=config.desc,
+                        disable=not config.progress or rank != 0)
     if model is not None:
         model.train()
     t0 = time.perf_counter()

@@ -46,6 +46,19 @@ def test_time_pair_interleaves_and_restores_threads():
         bench.time_pair(lambda: 0, lambda: 0, pairs=0)
 
 
+def test_format_table_wraps_long_labels_to_the_width():
+    long = "3 removed + 30 steps normalized KD, spectral output (Spectral Diffusion)"
+    rows = [{"configuration": long, "psnr": 24.38, "fd": 5.27}, {"configuration": "short", "psnr": 1.0, "fd": 2.0}]
+    wide = bench.format_table(rows, width=None).splitlines()
+    assert max(map(len, wide)) > 60 and len(wide) == 4  # no limit: one line per row
+    text = bench.format_table(rows, width=60).splitlines()
+    assert max(map(len, text)) <= 60 and len(text) > 4
+    # every word of the label survives, and the numbers sit on the label's last line
+    assert " ".join(ln.strip().split("  ")[0] for ln in text[2:-1]) == long
+    assert text[-2].split()[-2:] == ["24.38", "5.27"] and text[-1].split() == ["short", "1.00", "2.00"]
+    assert bench.format_table(rows[1:], width=60) == bench.format_table(rows[1:], width=None)  # narrow: unchanged
+
+
 def test_table_text_and_figure():
     tab = bench.Table("demo", columns=["flop_speedup", "psnr"])
     tab.add("baseline", flop_speedup=1.0, psnr=math.inf, group="x")
@@ -63,3 +76,8 @@ def test_table_text_and_figure():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+def test_time_pair_on_the_cpu_reports_no_gpu_memory():
+    t = bench.time_pair(lambda: sum(range(1000)), lambda: sum(range(10)), pairs=2, warmup=0)
+    assert t.baseline_peak_bytes is None and t.method_peak_bytes is None and t.pairs == 2

@@ -94,3 +94,16 @@ def test_fmt_prints_at_the_precision_of_the_interval():
     assert claims.fmt(Interval(12.345, 10.0, 15.0)) == "12.3 [10.0, 15.0]"
     assert claims.fmt(Interval(1234.5, 1000.0, 1500.0)) == "1234 [1000, 1500]"
     assert claims.fmt(0.000123456) == "0.000123"
+
+
+def test_recap_fits_the_width_and_keeps_status_and_interval():
+    iv = Interval(0.3, 0.1, 0.5, n=100, seeds=3)
+    long = "A method with a long name makes samples faster than everything else at equal quality " * 3
+    recs = [claims.record(7, long, metric="PSNR", diff=iv, display=False),
+            claims.record(7, "wired", status="demonstrated", primary=False, display=False)]
+    text = claims.recap(recs, width=60)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 60 and len(lines) == 2 + 2 * len(recs)
+    assert lines[2].split()[:3] == ["7", "holds", claims.fmt(iv).split()[0]] and claims.fmt(iv) in lines[2]
+    assert lines[3].startswith(" " * 7 + "A method") and lines[3].endswith("...")
+    assert lines[4].split() == ["7", "demonstrated", "-"] and lines[5].strip() == "(sub) wired"

@@ -115,3 +115,24 @@ def test_local_folders_get_local_errors(tmp_path):
     with pytest.raises(ValueError, match="could not load the local folder") as err:
         hub.load_dit(repo_id=str(store.zoo_dir() / "sd_tiny"), device="cpu", require_gpu=False)
     assert "Colab" not in str(err.value)
+
+
+def test_hub_downloads_fp16_weights_pinned_revision_and_progress_at_full_scale(monkeypatch):
+    import dmlab
+
+    sd15 = hub.REPOS["sd15"]
+    assert hub._hub_kwargs(sd15, torch.float16) == {"variant": "fp16"}  # the fp16 files, not the fp32 ones
+    assert hub._hub_kwargs(sd15, torch.float32) == {}
+    assert hub._hub_kwargs("/some/local/folder", torch.float16) == {}
+    monkeypatch.setitem(hub.REVISIONS, "sd15", "0123abc")
+    assert hub._hub_kwargs(sd15, torch.float16) == {"revision": "0123abc", "variant": "fp16"}
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    dmlab.setup(seed=0, scale="tiny")
+    assert hub._progress_off()  # tiny scale: no bars in stored outputs
+    dmlab.setup(seed=0, scale="full")
+    assert not hub._progress_off()  # full scale: downloads and long loops show progress
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the user's own choice is kept
+    dmlab.setup(seed=0, scale="full")
+    assert hub._progress_off()
+    dmlab.setup(seed=0, scale="tiny")

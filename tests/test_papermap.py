@@ -169,11 +169,11 @@ def test_unknown_chapter_is_reported(book, papers):
 def test_map_links_only_chapters_in_the_toc(book, papers):
     toc = book.root / "_toc.yml"
     plain = papermap.render_paper_map(papers, toc_path=toc, records=[])
-    assert "| planned: 15_feature_caching · `dmlab.accelerators.apply_deepcache` |" in plain
+    assert "| planned: 15_feature_caching · {py:obj}`dmlab.accelerators.apply_deepcache` |" in plain
     assert "(../notebooks/15_feature_caching.ipynb)" not in plain
     _add_to_toc(toc, "15_feature_caching")
     linked = papermap.render_paper_map(papers, toc_path=toc, records=[])
-    assert "| [15_feature_caching](../notebooks/15_feature_caching.ipynb) · `dmlab.accelerators.apply_deepcache` |" \
+    assert "| [15_feature_caching](../notebooks/15_feature_caching.ipynb) · {py:obj}`dmlab.accelerators.apply_deepcache` |" \
         in linked
     assert "planned: 15_feature_caching" not in linked
 

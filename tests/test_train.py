@@ -35,6 +35,15 @@ def test_fit_is_deterministic_and_learns():
     assert r1.losses[-1] < 0.5 * r1.losses[0]
 
 
+def test_progress_in_a_chapter_run_is_one_finished_line(monkeypatch, capsys):
+    monkeypatch.setenv("DMLAB_CI", "1")
+    _, r = _linear_run(progress=True, desc="linear")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"linear: 12/12 steps, loss {r.curve[-1][1]:.4f}"]
+    _linear_run(progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_interrupted_run_resumes_to_the_same_weights_and_says_so(tmp_path, capsys):
     full, rf = _linear_run(ema=0.9, checkpoint_every=5)
     _, part = _linear_run(ema=0.9, checkpoint_every=5, run=tmp_path / "r", stop_after=7)

@@ -52,7 +52,7 @@ def test_fit_order_bad_input(nfe, err, match):
 def test_image_grid_gray_rgb_and_3d():
     x = torch.rand(10, 1, 8, 8, generator=gen()) * 2 - 1
     fig = viz.image_grid(x, nrow=4, titles=[str(i) for i in range(10)], title="digits")
-    assert isinstance(fig, Figure) and len(fig.axes) == 1 and fig.dpi == 100
+    assert isinstance(fig, Figure) and len(fig.axes) == 1 and fig.dpi == viz.DPI >= 110
     _renders(fig)
     fig2 = viz.image_grid(x, nrow=4, titles=[str(i) for i in range(10)], title="digits")
     assert tuple(fig.get_size_inches()) == tuple(fig2.get_size_inches())  # figsize fixed by the inputs
@@ -143,3 +143,29 @@ def test_no_pyplot_figures_leak():
     viz.image_grid(torch.zeros(2, 1, 4, 4))
     viz.plot_sigma_schedules({"a": torch.tensor([1.0, 0.5, 0.0])})
     assert plt.get_fignums() == before
+
+
+def test_book_style_from_setup_and_helpers():
+    import dmlab
+    from matplotlib import rcParams
+
+    rcParams["legend.fontsize"], rcParams["figure.dpi"] = 6, 72
+    dmlab.setup(seed=0)  # every chapter's setup cell applies the one style
+    assert rcParams["figure.dpi"] >= 110 and rcParams["savefig.dpi"] >= 110
+    for k in ("font.size", "legend.fontsize", "xtick.labelsize", "ytick.labelsize", "axes.labelsize"):
+        assert rcParams[k] >= 9, k
+    colours = rcParams["axes.prop_cycle"].by_key()["color"]
+    assert len(set(colours)) == len(colours) >= 8
+    fig = Figure()
+    ax = fig.subplots()
+    im = ax.imshow(torch.rand(4, 4).numpy())
+    cb = viz.colorbar(im, ax, "accuracy")
+    assert cb.ax.get_ylabel() == "accuracy"
+    with pytest.raises(ValueError, match="label"):
+        viz.colorbar(im, ax, "")
+    ax.plot([0, 1], [0, 1], label="a")
+    leg = viz.legend_outside(ax)
+    fig.canvas.draw()
+    box, axbox = leg.get_window_extent(), ax.get_window_extent()
+    assert box.x0 >= axbox.x1  # the legend is right of the data, not on it
+    _renders(fig)

@@ -332,29 +332,30 @@ def fd_spread(x: Tensor, ref: Tensor | None = None, *, classifier, generator: to
 
 
 def plot_frontiers(frontiers: dict, x: str = "flop_speedup", y: str = "fd", *, target: tuple | None = None,
-                   figsize=(7.5, 4.4), title: str = "", logx: bool = True, ax=None, highlight: dict | None = None):
-    """Several :class:`Frontier` objects (``{family name: Frontier}``) on one axes: one marker per family, one
-    colour per group of methods, a dashed Pareto front per family; ``target = (x_min, y_max)`` draws the target's
-    corner (``y_max`` may be None), ``highlight`` circles one row. Returns the Figure."""
+                   figsize=(9.0, 4.6), title: str = "", logx: bool = True, ax=None, highlight: dict | None = None):
+    """Several :class:`Frontier` objects (``{family name: Frontier}``) on one axes: one marker shape and one Pareto
+    front line style per family, one colour per group of methods (the same method has the same colour in every
+    family); the legend sits outside the axes, in two blocks (methods by colour, families by marker).
+    ``target = (x_min, y_max)`` draws the target's corner (``y_max`` may be None), ``highlight`` circles one row.
+    Returns the Figure."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     if ax is None:
-        fig, ax = plt.subplots(figsize=figsize, dpi=90)
+        fig, ax = plt.subplots(figsize=figsize)
     else:
         fig = ax.figure
-    markers = ["o", "^", "s", "D"]
+    markers, fronts = ["o", "^", "s", "D"], ["--", ":", "-.", (0, (5, 1))]
     groups = sorted({r["group"] for f in frontiers.values() for r in f.rows})
     colour = {g: f"C{i % 10}" for i, g in enumerate(groups)}
     for k, (fam, f) in enumerate(frontiers.items()):
-        tag = f"{fam}: " if fam else ""
         for g in groups:
             rs = [r for r in f.rows if r["group"] == g and math.isfinite(r.get(y, math.nan))]
             if rs:
                 ax.plot([r[x] for r in rs], [r[y] for r in rs], markers[k % 4], color=colour[g], ms=6, ls="",
-                        alpha=0.85, label=f"{tag}{g}")
+                        alpha=0.85)
         front = pareto_front(f.rows, x, y, larger_y_better=(y == "psnr")) if any(y in r for r in f.rows) else []
-        ax.plot([r[x] for r in front], [r[y] for r in front], "--", color="k" if k == 0 else "gray", lw=1,
-                label=f"{tag}Pareto front")
+        ax.plot([r[x] for r in front], [r[y] for r in front], ls=fronts[k % 4], color="k", lw=1)
     if target is not None:
         ax.axvline(target[0], color="g", lw=0.8, ls=":")
         if target[1] is not None:
@@ -373,8 +374,14 @@ def plot_frontiers(frontiers: dict, x: str = "flop_speedup", y: str = "fd", *, t
     ax.set_xlabel({"flop_speedup": "FLOP speed-up over the reference (log)"}.get(x, x))
     ax.set_ylabel({"fd": "digits-FD (lower is better)", "psnr": "PSNR to the reference, dB"}.get(y, y))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="best", ncol=2)
-    ax.set_title(title, fontsize=9)
+    handles = [Line2D([], [], marker="s", ls="", color=colour[g], ms=7, label=g) for g in groups]
+    for k, fam in enumerate(frontiers):
+        name = fam or "configurations"
+        handles.append(Line2D([], [], marker=markers[k % 4], ls=fronts[k % 4], color="k", ms=6,
+                              label=f"{name} (marker; Pareto front)"))
+    ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+              frameon=False)
+    ax.set_title(title, fontsize=11)
     fig.tight_layout()
     return fig
 

@@ -264,11 +264,13 @@ def cost_curve(model: Any, modules: LinearAttentionModules, sizes, *, batch: int
     lm = copy.deepcopy(modules).to("meta")
     p = getattr(model.config, "patch_size", None) or 1
     c = model.config.in_channels
+    dtype = next(model.parameters()).dtype  # a half model gets half inputs (the timestep stays float32)
+    as_meta = lambda v: v.to("meta", dtype if v.is_floating_point() else v.dtype)  # noqa: E731
     rows = []
     for s in sizes:
-        x = torch.zeros(batch, c, s, s, device="meta")
+        x = torch.zeros(batch, c, s, s, device="meta", dtype=dtype)
         t = torch.full((batch,), 500.0, device="meta")
-        kw = {k: (v.to("meta") if isinstance(v, Tensor) else v) for k, v in cond.items()}
+        kw = {k: (as_meta(v) if isinstance(v, Tensor) else v) for k, v in cond.items()}
         with torch.no_grad():
             with FlopCounterMode(display=False, custom_mapping=bench._cpu_sdpa_mapping()) as fc:
                 m(x, timestep=t, **kw)

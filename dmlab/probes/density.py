@@ -3,7 +3,7 @@
 Skreta, Atanackovic, Bose, Tong, Neklyudov, "The Superposition of Diffusion Models Using the Itô Density Estimator",
 ICLR 2025 (paper 31). In dmlab's VE convention the forward process is ``dx = dW_v`` in the variance ``v = sigma^2``
 (no drift), so along *any* reverse path ``dx = u |dv| + dW`` with that noise scale Itô's lemma and the heat
-(Fokker-Planck) equation ``d_v log q = (Laplacian log q + |grad log q|^2) / 2`` give
+(Fokker-Planck) equation ``d_v log q = (Laplacian log q + |grad log q|^2) / 2`` give::
 
     d log q_v(x) = <dx, s(x)> - |s(x)|^2 |dv| / 2,         s = grad log q_v,
 

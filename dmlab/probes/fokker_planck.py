@@ -3,7 +3,7 @@
 Deveney, Stanczuk, Kreusser, Budd, Schönlieb, "Closing the ODE-SDE gap in score-based diffusion models through the
 Fokker-Planck equation", Phil. Trans. R. Soc. A 2025 (paper 15). In dmlab's VE convention ``x = x0 + sigma eps``
 the noised marginals obey the heat equation ``d_sigma p = sigma Laplacian p``, so ``u = log p_sigma`` and its score
-``s = grad u`` satisfy
+``s = grad u`` satisfy::
 
     log-density form   R_u = d_sigma u - sigma (Laplacian u + |grad u|^2)              = 0,
     score form         R_s = d_sigma s - sigma grad(div s + |s|^2)                    = 0.

@@ -2,7 +2,7 @@
 
 Wang, Zhang, Zhang, Chen, Ma, Qu, "Diffusion Models Learn Low-Dimensional Distributions via Subspace Clustering"
 (arXiv 2409.02426, paper 66). Data ``x = U_k a`` with ``k ~ pi``, ``a ~ N(0, I_d)`` and orthonormal ``U_k`` ``[n, d]``
-(a mixture of low-rank Gaussians, MoLRG). Its exact denoiser in dmlab's VE convention is
+(a mixture of low-rank Gaussians, MoLRG). Its exact denoiser in dmlab's VE convention is::
 
     D(x, sigma) = sum_k w_k(x) U_k U_k^T x / (1 + sigma^2),
     w_k(x) = softmax_k( log pi_k + |U_k^T x|^2 / (2 sigma^2 (1 + sigma^2)) ),

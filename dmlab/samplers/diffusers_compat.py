@@ -6,10 +6,11 @@ loads with ``save_pretrained``/``from_config``) that runs the *same* :class:`~dm
 ``x_vp = alpha x`` (``alpha = 1 / sqrt(1 + sigma^2)``), calls the network at the timestep the scheduler lists and
 hands the raw output to ``step``; the adapter turns that output into ``D`` exactly as
 :class:`~dmlab.denoisers.DiscreteVPDenoiser` does and advances the plan. Timesteps are the (possibly fractional)
-training indices of the schedule's sigmas (``DiscreteVPDenoiser.sigma_to_t``), so
+training indices of the schedule's sigmas (``DiscreteVPDenoiser.sigma_to_t``), so::
 
-    pipeline with as_diffusers_scheduler(name, scheduler, **opts)  ==  sample_<name>(DiscreteVPDenoiser(unet, ...),
-                                                                          noise * sqrt(1 + sigmas[0]^2), sigmas, **opts)
+    pipeline with as_diffusers_scheduler(name, scheduler, **opts)
+      ==  sample_<name>(DiscreteVPDenoiser(unet, ...), noise * sqrt(1 + sigmas[0]^2),
+                        sigmas, **opts)
 
 to float rounding (``tests/samplers/test_cross_library.py``). ``init_noise_sigma`` is 1: the VP start ``x_vp = noise``.
 Solver names: ``ddim``, ``euler`` (the same step), ``dpmpp_2m``, ``dpmpp_3m``, ``dpm_solver_multistep``,
@@ -242,7 +243,22 @@ def _scheduler_class():
         def __len__(self):
             return self.config.num_train_timesteps
 
+    DmlabScheduler.__qualname__ = "DmlabScheduler"  # a module-level name: pickles, and pipelines find it
+    DmlabSchedulerOutput.__qualname__ = "DmlabSchedulerOutput"
     return DmlabScheduler
+
+
+def __getattr__(name: str):
+    """``DmlabScheduler`` at module level, built on first use so that diffusers is imported
+    only when needed. A saved pipeline names it ``("dmlab", "DmlabScheduler")`` in ``model_index.json``;
+    ``dmlab.DmlabScheduler`` resolves here, so ``from_pretrained`` reloads it."""
+    if name == "DmlabScheduler":
+        return _scheduler_class()
+    if name == "SchedulerMixin":  # diffusers picks the loading method by the base classes the library exposes
+        from diffusers import SchedulerMixin
+
+        return SchedulerMixin
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def as_diffusers_scheduler(solver: str = "dpmpp_2m", scheduler=None, *, schedule: str = "karras",

@@ -95,7 +95,7 @@ def _dpmpp_2m(hist, sig, s_next):
 
 
 DPMPP_2M = MultistepRule("dpmpp_2m", "x0", _dpmpp_2m, 2)
-"""DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) as a data-space rule: ``u = D_i + (D_i - D_{i-1}) / (2 r)``."""
+"""DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) as a data-space rule, ``u = D_i + (D_i - D_{i-1}) / (2 r)``."""
 
 
 def _rule(method, order: int) -> MultistepRule | str:

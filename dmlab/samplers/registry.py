@@ -6,7 +6,7 @@ of denoiser evaluations as a function of the number of steps, whether it draws n
 ``book/references.bib``), the plan builder that backs the diffusers adapter (:mod:`.diffusers_compat`) and the
 diffusers scheduler that runs the same algorithm, with its config. ``samplers.__all__``, the adapter's
 ``SOLVERS``, :data:`.compare.DIFFUSERS_CONFIGS`, :func:`.compare.dmlab_candidates`, the frontier's samplers and the
-tests read it; a chapter reads it as
+tests read it; a chapter reads it as::
 
     from dmlab.samplers import REGISTRY, deterministic
     for name, info in deterministic().items():

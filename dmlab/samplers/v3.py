@@ -9,7 +9,7 @@ In ``lam = -log(sigma)`` the PF-ODE is ``dx/dlam = D - x``. DPM-Solver-v3 splits
 
 and solves ``dx/dlam = -l x - f`` with the change of variables ``g = e^{-(S - S_s)} f - e^{S_s} (B - B_s)``
 (``L, S`` the integrals of ``l, s``; ``B = int e^{-S} b``), which makes ``g`` as flat in ``lam`` as the statistics
-allow. One step from ``lam_s`` to ``lam_t`` (the official ``multistep_predictor_update`` without ``alpha``s):
+allow. One step from ``lam_s`` to ``lam_t`` (the official ``multistep_predictor_update`` without the ``alpha`` factors):
 
     x_t = e^{L_s - L_t} x_s - e^{-L_t - S_s} (I_t - I_s) g_s - e^{-L_t} (C_t - C_s - B_s (I_t - I_s))
           - e^{L_s - L_t} sum_k E_k g^{(k)}(lam_s),       E_k = int e^{(L + S)(lam) - (L + S)(lam_s)} (lam - lam_s)^k / k!

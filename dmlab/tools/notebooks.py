@@ -7,7 +7,8 @@
 * :func:`check_conventions` lists what a chapter does wrong (used by ``tests/test_notebooks.py``).
 
 ``python -m dmlab.tools.notebooks run notebooks/01_forward_and_exact.ipynb`` re-executes chapters in place;
-``python -m dmlab.tools.notebooks check`` checks them all.
+``python -m dmlab.tools.notebooks check`` checks them all; ``... retarget`` points the badges, setup cells and
+``_config.yml`` at the repository and tag in :mod:`dmlab._meta`.
 """
 from __future__ import annotations
 
@@ -18,26 +19,55 @@ import re
 import sys
 import time
 
-from .._meta import REPO, BRANCH, colab_url
+from .. import _meta
+from .._meta import colab_url
 
-__all__ = ["badge", "header", "make_notebook", "execute", "check_conventions", "main", "ROOT", "MAX_BYTES",
-           "SETUP_SOURCE"]
+__all__ = ["badge", "header", "setup_source", "needs_gpu", "make_notebook", "execute", "check_conventions",
+           "retarget", "main", "ROOT", "MAX_BYTES", "SETUP_SOURCE"]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MAX_BYTES = 1_000_000
 
-SETUP_SOURCE = f'''# Setup: on Colab this installs dmlab; elsewhere it only seeds and configures.
-import sys
+
+
+def setup_source(repo: str | None = None, ref: str | None = None) -> str:
+    """The standard setup cell: on Colab it installs dmlab from ``repo`` at ``ref`` (``dmlab._meta``; the
+    environment variables ``DMLAB_REPO`` / ``DMLAB_REF`` override them in the running notebook too)."""
+    repo, ref = repo or _meta.REPO, ref or _meta.REF
+    return f'''# Setup: on Colab this installs dmlab; elsewhere it only seeds and configures.
+import os, sys
 if "google.colab" in sys.modules:
-    %pip install -q "dmlab[all] @ git+https://github.com/{REPO}@{BRANCH}"
+    repo = os.environ.get("DMLAB_REPO") or "{repo}"
+    ref = os.environ.get("DMLAB_REF") or "{ref}"  # a release tag or commit
+    %pip install -q "dmlab[all] @ git+https://github.com/{{repo}}@{{ref}}"
 import dmlab
 SCALE, gen = dmlab.setup(seed=0)
 print(SCALE)'''
 
 
+SETUP_SOURCE = setup_source()
+
+
 def badge(path: str) -> str:
-    """Markdown of the Open-in-Colab badge for a notebook path relative to the repository root."""
-    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({colab_url(path)})"
+    """Markdown of the Open-in-Colab badge for a notebook path relative to the repository root (the badge image
+    is the book's own ``_static/colab-badge.svg``: nothing is fetched to show it)."""
+    up = "../" * path.count("/")
+    return f"[![Open In Colab]({up}_static/colab-badge.svg)]({colab_url(path)})"
+
+
+def needs_gpu(cells) -> bool:
+    """Whether a chapter has full-scale cells (``SCALE.full``): only those ask Colab for a GPU runtime."""
+    return any(c["cell_type"] == "code" and "SCALE.full" in "".join(c.get("source", "")) for c in cells)
+
+
+def _gpu_metadata(nb) -> None:
+    nb.metadata.setdefault("colab", {"provenance": []})
+    if needs_gpu(nb.cells):
+        nb.metadata["accelerator"] = "GPU"
+        nb.metadata["colab"]["gpuType"] = "T4"
+    else:
+        nb.metadata.pop("accelerator", None)
+        nb.metadata["colab"].pop("gpuType", None)
 
 
 def header(path: str, title: str, *, papers: str, time_tiny: str, time_full: str, intro: str = "") -> str:
@@ -61,7 +91,7 @@ def make_notebook(path: str | pathlib.Path, title: str, cells: list, *, papers: 
     nb = nbformat.v4.new_notebook()
     nb.metadata.update({"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                         "language_info": {"name": "python"},
-                        "colab": {"provenance": []}, "accelerator": "GPU"})
+                        "colab": {"provenance": []}})
     nb.cells.append(nbformat.v4.new_markdown_cell(header(rel, title, papers=papers, time_tiny=time_tiny,
                                                          time_full=time_full, intro=intro)))
     setup = nbformat.v4.new_code_cell(SETUP_SOURCE)
@@ -78,6 +108,7 @@ def make_notebook(path: str | pathlib.Path, title: str, cells: list, *, papers: 
         nb.cells.append(cell)
     for i, cell in enumerate(nb.cells):  # stable ids: diffs stay readable
         cell["id"] = f"c{i:03d}"
+    _gpu_metadata(nb)
     nbformat.write(nb, path)
     return path
 
@@ -95,6 +126,9 @@ def execute(path: str | pathlib.Path, *, timeout: int = 600) -> float:
     t0 = time.perf_counter()
     for cell in nb.cells:  # no per-cell timing metadata: re-execution diffs show only real changes
         cell.metadata.pop("execution", None)
+    # widget state of an earlier run (e.g. progress bars since switched off) would make the book load the widget
+    # manager for nothing; nbclient stores the state of this run's widgets again
+    nb.metadata.pop("widgets", None)
     NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True, record_timing=False,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     elapsed = time.perf_counter() - t0
@@ -127,11 +161,16 @@ def check_conventions(path: str | pathlib.Path, toc_text: str | None = None) -> 
         problems.append(f"{path.name}: name chapters NN_topic.ipynb")
     if len(cells) < 2 or cells[0]["cell_type"] != "markdown" or not src(cells[0]).startswith("# "):
         problems.append(f"{rel}: cell 0 must be a markdown title ('# ...')")
-    elif colab_url(rel) not in src(cells[0]):
-        problems.append(f"{rel}: cell 0 must hold the Colab badge for this path ({colab_url(rel)})")
-    if len(cells) < 2 or cells[1]["cell_type"] != "code" or "dmlab.setup(" not in src(cells[1]) \
-            or '"google.colab" in sys.modules' not in src(cells[1]):
-        problems.append(f"{rel}: cell 1 must be the standard setup cell (dmlab.tools.notebooks.SETUP_SOURCE)")
+    elif badge(rel) not in src(cells[0]):
+        problems.append(f"{rel}: cell 0 must hold the Colab badge for this path ({badge(rel)}); "
+                        "python -m dmlab.tools.notebooks retarget writes it")
+    if len(cells) < 2 or cells[1]["cell_type"] != "code" or src(cells[1]) != SETUP_SOURCE:
+        problems.append(f"{rel}: cell 1 must be the standard setup cell (dmlab.tools.notebooks.SETUP_SOURCE); "
+                        "python -m dmlab.tools.notebooks retarget writes it")
+    meta = nb.get("metadata", {})
+    if needs_gpu(cells) != (meta.get("accelerator") == "GPU"):
+        problems.append(f"{rel}: ask Colab for a GPU (metadata accelerator) exactly when the chapter has "
+                        "full-scale cells (SCALE.full); python -m dmlab.tools.notebooks retarget sets it")
     code = [c for c in cells if c["cell_type"] == "code" and src(c).strip()]
     counts = [c.get("execution_count") for c in code]
     if any(n is None for n in counts):
@@ -154,12 +193,45 @@ def check_conventions(path: str | pathlib.Path, toc_text: str | None = None) -> 
     return problems
 
 
+def retarget(paths=None, *, config: bool = True) -> list[str]:
+    """Point the book at ``dmlab._meta`` (``REPO``/``REF``, or ``DMLAB_REPO``/``DMLAB_REF``): each chapter's badge
+    (cell 0), setup cell (cell 1) and Colab GPU metadata, and the repository settings in ``_config.yml``. Only
+    those are rewritten (no re-execution needed: the setup cell's output is not checked); ``config=False``
+    leaves ``_config.yml`` alone. Returns what changed."""
+    import nbformat
+
+    changed = []
+    paths = [pathlib.Path(p) for p in paths] if paths else sorted((ROOT / "notebooks").glob("*.ipynb"))
+    for p in paths:
+        rel = p.resolve().relative_to(ROOT).as_posix()
+        nb = nbformat.read(p, as_version=4)
+        before = nbformat.writes(nb)
+        nb.cells[0].source = re.sub(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)", lambda m: badge(rel),
+                                    nb.cells[0].source)
+        nb.cells[1].source = SETUP_SOURCE
+        _gpu_metadata(nb)
+        if nbformat.writes(nb) != before:
+            nbformat.write(nb, p)
+            changed.append(rel)
+    cfg = ROOT / "_config.yml"
+    if config and cfg.exists():
+        text = cfg.read_text()
+        new = re.sub(r"(?m)^(  url: )https://github\.com/\S+", lambda m: m.group(1) + _meta.REPO_URL, text)
+        new = re.sub(r"(?m)^(  branch: )\S+", lambda m: m.group(1) + _meta.REF, new)
+        if new != text:
+            cfg.write_text(new)
+            changed.append("_config.yml")
+    return changed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dmlab.tools.notebooks", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute chapters in place (stored outputs)")
     r.add_argument("paths", nargs="*", help="notebooks (default: all of notebooks/)")
     sub.add_parser("check", help="check every chapter's conventions")
+    t = sub.add_parser("retarget", help="rewrite badges, setup cells, GPU metadata and _config.yml for dmlab._meta")
+    t.add_argument("paths", nargs="*", help="notebooks (default: all of notebooks/)")
     a = ap.parse_args(argv)
     paths = [pathlib.Path(p) for p in getattr(a, "paths", [])] or sorted((ROOT / "notebooks").glob("*.ipynb"))
     if a.cmd == "run":
@@ -167,6 +239,10 @@ def main(argv=None) -> int:
 
         for p in tqdm(paths, desc="chapters", unit="nb"):
             tqdm.write(f"{p.name}: {execute(p):.1f} s")
+        return 0
+    if a.cmd == "retarget":
+        changed = retarget(paths)
+        print(f"retargeted to {_meta.REPO}@{_meta.REF}: " + (", ".join(changed) or "nothing to change"))
         return 0
     toc = (ROOT / "_toc.yml").read_text() if (ROOT / "_toc.yml").exists() else ""
     bad = [msg for p in paths for msg in check_conventions(p, toc)]

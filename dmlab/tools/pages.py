@@ -7,6 +7,8 @@ full-page screenshot under ``_build/screenshots/`` and reports, per page:
 * math left as raw ``\\(`` / ``$$`` text (MathJax did not render it);
 * requests that leave the machine (anything but ``file://`` and ``data:``).
 
+The highlighted library source under ``_modules/`` (120-column code) is not checked.
+
 Exit status 1 when any page has a problem. Needs Chromium and ChromeDriver (Debian: ``apt-get install chromium
 chromium-driver``) and ``pip install selenium``.
 """
@@ -17,7 +19,7 @@ import json
 import pathlib
 import sys
 
-__all__ = ["check_pages", "main", "ROOT"]
+__all__ = ["check_pages", "browser_paths", "main", "ROOT"]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -46,6 +48,22 @@ return out;
 """
 
 
+# wait until MathJax has typeset the page (when it is on the page), then a moment for late layout; 10 s at most
+_SETTLE = r"""
+const done = (window.MathJax && MathJax.startup && MathJax.startup.promise) || Promise.resolve();
+return Promise.race([done.then(() => new Promise(r => setTimeout(r, 300))),
+                     new Promise(r => setTimeout(r, 10000))]);
+"""
+
+
+def browser_paths() -> tuple[str | None, str | None]:
+    """``(chromium, chromedriver)`` executables on this machine (``None`` for one that is missing)."""
+    import shutil
+
+    chromium = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    return chromium, shutil.which("chromedriver")
+
+
 def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: bool = True) -> dict:
     """``{page: problems}`` for every HTML page of the built book (an empty list when a page is fine)."""
     try:
@@ -61,16 +79,21 @@ def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: b
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
               f"--window-size={width},{height}"):
         opts.add_argument(a)
-    opts.binary_location = "/usr/bin/chromium"
-    service = webdriver.ChromeService(executable_path="/usr/bin/chromedriver")
+    chromium, driver = browser_paths()
+    if chromium is None or driver is None:
+        raise RuntimeError("the page check needs Chromium and ChromeDriver: apt-get install chromium chromium-driver")
+    opts.binary_location = chromium
+    service = webdriver.ChromeService(executable_path=driver)
     drv = webdriver.Chrome(options=opts, service=service)
     drv.set_page_load_timeout(30)
     out_dir = html.parent / "screenshots"
     out_dir.mkdir(exist_ok=True)
     report = {}
     try:
-        pages = sorted(p for p in html.rglob("*.html") if "_static" not in p.parts and p.name not in
-                       ("search.html", "genindex.html"))
+        # _modules/ holds the library's highlighted source (120-column code, scrolled sideways like any editor),
+        # not the book's text: it is not checked
+        pages = sorted(p for p in html.rglob("*.html") if not {"_static", "_modules"} & set(p.parts)
+                       and p.name not in ("search.html", "genindex.html", "py-modindex.html"))
         for p in pages:
             rel = p.relative_to(html).as_posix()
             try:
@@ -78,18 +101,21 @@ def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: b
             except Exception as e:  # a page that never finishes loading (a blocked CDN) is a problem too
                 report[rel] = [f"did not load in 30 s ({type(e).__name__})"]
                 continue
-            drv.execute_script("return new Promise(r => setTimeout(r, 1500))")
+            drv.execute_script(_SETTLE)
             r = drv.execute_script(_PROBE)
             probs = [f"{o['kind']} {o['over']} px too wide: {o['text']!r}" for o in r["overflow"]]
             if r["raw_math"]:
                 probs.append(f"{r['raw_math']} text node(s) with unrendered math")
             probs += [f"network request: {u}" for u in sorted(set(r["requests"]))]
             report[rel] = probs
-            if shots:
-                h = drv.execute_script("return document.body.scrollHeight")
-                drv.set_window_size(width, min(int(h), 20000))
-                drv.save_screenshot(str(out_dir / (rel.replace("/", "__") + ".png")))
-                drv.set_window_size(width, height)
+            if shots:  # the whole page (up to 20,000 px) as JPEG through the DevTools protocol: no relayout
+                import base64
+
+                h = min(int(drv.execute_script("return document.documentElement.scrollHeight")), 20000)
+                shot = drv.execute_cdp_cmd("Page.captureScreenshot", {
+                    "format": "jpeg", "quality": 70, "captureBeyondViewport": True,
+                    "clip": {"x": 0, "y": 0, "width": width, "height": h, "scale": 1}})
+                (out_dir / (rel.replace("/", "__") + ".jpg")).write_bytes(base64.b64decode(shot["data"]))
     finally:
         drv.quit()
     return report

@@ -110,8 +110,6 @@ def train_toy(denoiser, data: Tensor, *, steps: int = 2000, batch: int = 256, lr
     ``regulariser(denoiser, x0, x, sigma, generator) -> scalar`` is added to the loss when given (the hook for the
     Fokker-Planck regulariser of paper 15). Every random draw uses ``generator``. Returns the loss per step.
     """
-    from tqdm.auto import tqdm
-
     net = getattr(denoiser, "net", None)
     if not isinstance(net, nn.Module):
         raise TypeError("denoiser must wrap a torch module in .net (use toy_denoiser)")

@@ -168,6 +168,19 @@ def test_sd_unet_self_attention_is_found():
     assert rows[1]["flops_softmax"] > rows[0]["flops_softmax"] > 0 and rows[0]["tokens"] == 64
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cost_curve_of_a_half_precision_model(dtype):
+    """The full-scale chapter runs cost_curve on an fp16 model: inputs follow the model's dtype."""
+    u = cond_unet().to(dtype)
+    mods = linear_attention_for(u).to(dtype)
+    kw = {"encoder_hidden_states": torch.randn(1, 5, 32)}  # float32 conditioning, as a pipeline might pass it
+    rows = cost_curve(u, mods, [8, 16], **kw)
+    assert rows[1]["flops_softmax"] > rows[0]["flops_softmax"] > 0
+    assert rows == cost_curve(u.float(), mods.float(), [8, 16], **kw)  # counting does not depend on the dtype
+    d = dit(seed=5, layers=1).to(dtype)
+    assert cost_curve(d, linear_attention_for(d).to(dtype), [8], class_labels=torch.tensor([1]))[0]["tokens"] == 16
+
+
 def test_distillation_moves_towards_the_teacher():
     m = dit(seed=6, layers=2)
     mods = linear_attention_for(m)

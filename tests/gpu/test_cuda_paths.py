@@ -68,3 +68,14 @@ def test_deepcache_removal_is_exact_on_cuda():
     after = samplers.sample_euler(den, x, sig, cond={"class_labels": y})
     assert torch.equal(base, after)
     assert not torch.equal(base, fast) and h.stats
+
+
+def test_gpu_timing_synchronizes_and_reports_peak_memory():
+    from dmlab import bench
+
+    a = torch.randn(2048, 2048, device="cuda")
+    small = lambda: a @ a  # noqa: E731
+    big = lambda: torch.cat([a @ a for _ in range(4)])  # noqa: E731
+    t = bench.time_pair(small, big, pairs=3)
+    assert t.baseline_peak_bytes >= 4 * 2048 * 2048 and t.method_peak_bytes > t.baseline_peak_bytes
+    assert t.method_s > t.baseline_s  # 4 matmuls timed to the end of their kernels, not to their launch
