@@ -9,7 +9,7 @@ estimate with a calibrated classifier, and a learned initial-noise distribution.
 * :class:`ClassifierGuidance` -- classifier guidance with an off-the-shelf classifier applied to the denoised
   estimate ``x0_hat = D(x, sigma)`` (EluCD, :cite:`ma2024elucidating`): the gradient of a temperature-calibrated
   log-likelihood is taken with respect to ``x0_hat`` (no back-propagation through the denoiser) and added to the
-  score, ``D_g = D + scale * sigma^2 * grad_{x0_hat} l(x0_hat)``. :func:`fit_temperature` and
+  score, ``D_g = D + scale * alpha sigma^2 * grad_{x0_hat} l(x0_hat)``. :func:`fit_temperature` and
   :func:`expected_calibration_error` are the calibration step (temperature scaling, Guo et al. 2017).
 * :class:`NoisePolicy` and :func:`find_loss` -- FIND (:cite:`chen2024find`): the sampler and model stay frozen; the
   initial noise is drawn from a learned Gaussian ``N(mu, diag(s^2))`` whose parameters maximise a reward of the
@@ -112,11 +112,13 @@ def calibrated_log_likelihood(logits: Tensor, y: Tensor, temperature: float = 1.
 class ClassifierGuidance:
     """Classifier guidance on the denoised estimate (EluCD, :cite:`ma2024elucidating`) as a denoiser transformer.
 
-    ``D_g(x, sigma) = D(x, sigma) + scale * sigma^2 * grad_{x0_hat} l(x0_hat)`` with ``x0_hat = D(x, sigma)`` clipped
-    to ``clip`` and ``l`` :func:`calibrated_log_likelihood` of ``classifier(x0_hat)`` for the target ``class_labels``.
-    In the VE convention ``D = x + sigma^2 grad log p``, so this adds ``scale * grad l`` to the score, with the
-    gradient taken on ``x0_hat`` instead of ``x`` (an off-the-shelf classifier sees clean images only; no
-    back-propagation through the denoiser). The denoiser is called with ``uncond`` (e.g. the null class); the
+    ``D_g(x, sigma) = D(x, sigma) + scale * alpha sigma^2 * grad_{x0_hat} l(x0_hat)`` with ``x0_hat = D(x, sigma)``
+    clipped to ``clip``, ``alpha = 1 / sqrt(1 + sigma^2)`` and ``l`` :func:`calibrated_log_likelihood` of
+    ``classifier(x0_hat)`` for the target ``class_labels``. The paper adds ``scale * grad l`` to the score of the
+    VP (DDPM) latent ``x_vp = alpha x``, with the gradient taken on ``x0_hat`` in place of ``x_vp`` (an
+    off-the-shelf classifier sees clean images only; no back-propagation through the denoiser); in the VE
+    convention ``D = x + sigma^2 grad_x log p`` and ``grad_x = alpha grad_{x_vp}``, hence the weight
+    ``alpha sigma^2``. The denoiser is called with ``uncond`` (e.g. the null class); the
     guidance target is the ``class_labels`` the sampler passes. One denoiser call and one classifier
     forward/backward per evaluation. ``sigma_max`` switches guidance off above that noise level.
     """
@@ -156,7 +158,8 @@ class ClassifierGuidance:
             return d
         on = (sigma <= self.sigma_max).to(sigma.dtype)
         g = self.gradient(d, torch.as_tensor(class_labels, device=x.device))
-        return (d.to(g.dtype) + bcast(self.scale * on * sigma.to(g.dtype) ** 2, g) * g).to(x.dtype)
+        sg = sigma.to(g.dtype)
+        return (d.to(g.dtype) + bcast(self.scale * on * sg ** 2 / (1 + sg ** 2).sqrt(), g) * g).to(x.dtype)
 
 
 def classifier_guidance(denoiser: Callable, classifier: Callable, scale: float, **kw) -> ClassifierGuidance:
