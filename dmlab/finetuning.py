@@ -398,7 +398,8 @@ def adapter_state(method: str, base: nn.Module, tuned: nn.Module) -> dict:
                     out[f"{k}::value"] = d[idx].contiguous()
     else:
         for k, v in tuned.state_dict().items():
-            if k not in bsd or not torch.equal(v, bsd[k]):
+            b = bsd.get(k.replace(".base_layer.", "."))  # peft keeps the frozen layer as base_layer
+            if b is None or not torch.equal(v, b):
                 out[k] = v.detach().contiguous()
     return out
 

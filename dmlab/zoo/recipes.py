@@ -145,7 +145,7 @@ RECIPES["unet_src"] = Recipe(
 # draws per seed), three training seeds each (kind "finetune"; model = the method and its settings).
 FT_STEPS, FT_BATCH = 300, 32
 FT_METHODS = {"full": ({"method": "full"}, 1e-3), "lora": ({"method": "lora", "rank": 2}, 1e-2),
-              "difffit": ({"method": "difffit"}, 1e-2), "sara": ({"method": "sara", "fraction": 0.06}, 1e-2)}
+              "difffit": ({"method": "difffit"}, 1e-2), "sara": ({"method": "sara", "fraction": 0.06, "nuclear": 1e-4}, 1e-2)}
 for _m, (_cfg, _lr) in FT_METHODS.items():
     for _s in range(3):
         RECIPES[f"ft_{_m}_s{_s}"] = Recipe(
