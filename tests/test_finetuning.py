@@ -113,7 +113,7 @@ def test_nuclear_penalty_is_the_sum_of_singular_values():
     want = 0.0
     for name, m in ft._sara_targets(ad.model):
         w0 = m.parametrizations.weight.original
-        dw = (m.weight - w0).reshape(w0.shape[0], -1)
+        dw = (m.weight - w0).detach().reshape(w0.shape[0], -1)
         want += float(torch.linalg.svdvals(dw).sum())
     assert abs(float(ad.penalty()) - want) < 1e-3 * want
 
@@ -148,6 +148,23 @@ def test_full_scale_path_on_a_config_built_conditional_unet():
         with torch.no_grad():
             torch.testing.assert_close(ad.model(x, t, encoder_hidden_states=ctx).sample, ref, rtol=0, atol=1e-6)
     assert lo.trainable > 0 and all("lora_" in n for n, p in lo.model.named_parameters() if p.requires_grad)
+    eps = torch.randn(2, 4, 8, 8)
+    batch = {"x0": x, "eps": eps, "t": t, "xt": 0.8 * x + 0.6 * eps, "encoder_hidden_states": ctx}
+    for ad in (d, lo):
+        mem = ft.training_memory(ad, batch)
+        assert mem["activations"] > 0 and mem["trainable"] == 4 * ad.trainable
+
+
+def test_zoo_entries_rebuild_from_the_source_model():
+    """A registered fine-tuned entry is unet_src plus its stored update (sha256-verified by the zoo)."""
+    from dmlab import zoo
+
+    src = zoo.load("unet_src")
+    tuned = zoo.load("ft_difffit_s0")
+    assert zoo.info("ft_difffit_s0")["base"] == "unet_src"
+    assert zoo.info("ft_difffit_s0")["trainable"] == ft.adapt(src, "difffit").trainable
+    a, b = _out(src), _out(tuned)
+    assert a.shape == b.shape and not torch.allclose(a, b)
 
 
 def test_bad_input():
