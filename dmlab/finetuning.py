@@ -13,7 +13,9 @@ library's loop (:func:`dmlab.train.fit`) through :func:`finetune`, with the DDPM
   class embedding and newly added scale factors ``gamma`` train. ``gamma`` (initialised to 1, one per channel)
   multiplies the residual branch of every block: the output of each ResNet block's second convolution (UNets) and of
   each transformer block's attention and feed-forward layers (DiT and the transformers inside SD's UNet), so
-  ``x + gamma * f(x)``, the paper's ``x + gamma * Block(x)``.
+  ``x + gamma * f(x)``, the paper's ``x + gamma * Block(x)``. The scale factors are forward hooks of the library's
+  hook layer (:mod:`dmlab.hooks`), so ``copy.deepcopy`` of a DiffFit model drops them: rebuild a copy with
+  :func:`load_adapter_state` (or ``dmlab.zoo.load``).
 * ``"sara"``: SaRA (Hu et al. 2025, ``hu2025sara``): the *ineffective* weights, those whose magnitude lies below a
   threshold ``theta`` (chosen so that a fraction ``fraction`` of all conv/linear weights fall below it), are
   re-trained as a sparse update ``W0 + scatter(delta)`` (only ``delta`` is a parameter: the optimizer keeps state for

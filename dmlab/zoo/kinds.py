@@ -7,7 +7,9 @@ branches spread over the zoo's files):
 * ``unet``, ``dit`` - class-conditional diffusers models on 8x8 digits;
 * ``sd`` - the text-to-image ``StableDiffusionPipeline`` (``sd_tiny``);
 * ``exit_heads`` - DeeDiff exit heads and uncertainty modules for a zoo DiT (paper 53);
-* ``linear_attention`` - LinFusion linear-attention modules distilled into a zoo DiT (paper 2).
+* ``linear_attention`` - LinFusion linear-attention modules distilled into a zoo DiT (paper 2);
+* ``finetune`` - a zoo model fine-tuned by full fine-tuning, LoRA, DiffFit or SaRA, stored as the update on top of
+  its base (:mod:`dmlab.finetuning`, chapter 23).
 
 Adapters (the last two) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
 fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
