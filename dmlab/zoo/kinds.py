@@ -7,7 +7,9 @@ branches spread over the zoo's files):
 * ``unet``, ``dit`` - class-conditional diffusers models on 8x8 digits;
 * ``sd`` - the text-to-image ``StableDiffusionPipeline`` (``sd_tiny``);
 * ``exit_heads`` - DeeDiff exit heads and uncertainty modules for a zoo DiT (paper 53);
-* ``linear_attention`` - LinFusion linear-attention modules distilled into a zoo DiT (paper 2).
+* ``linear_attention`` - LinFusion linear-attention modules distilled into a zoo DiT (paper 2);
+* ``finetune`` - a zoo model fine-tuned by full fine-tuning, LoRA, DiffFit or SaRA, stored as the update on top of
+  its base (:mod:`dmlab.finetuning`, chapter 23).
 
 Adapters (the last two) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
 fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
@@ -192,6 +194,75 @@ def _eval_adapter(name, root):
     return {"final_train_loss": round(float(log["loss"][-1][1]), 6), "train_steps": log["steps"]}
 
 
+# ----------------------------------------------------------------------------------------------- chapter 23
+def _finetune_kw(model_cfg: dict) -> tuple[str, dict]:
+    kw = dict(model_cfg)
+    return kw.pop("method"), kw
+
+
+def _load_finetune(folder, entry, root):
+    """A fine-tuned zoo model: the base model with the stored update applied (:mod:`dmlab.finetuning`)."""
+    from safetensors.torch import load_file
+
+    from ..finetuning import load_adapter_state
+    from .registry import load
+
+    method, kw = _finetune_kw(json.loads((folder / "config.json").read_text()))
+    model = load_adapter_state(method, load(entry["base"], root=root), load_file(str(folder / "model.safetensors")),
+                               **kw)
+    model.info = entry
+    return model
+
+
+def _train_finetune(recipe, folder, device="cpu", resume=True, progress=True):
+    """Fine-tune the base on the recipe's classes with :func:`dmlab.finetuning.finetune` and store the update."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..data import load_digits
+    from ..finetuning import adapter_state, finetune
+    from .recipes import SCHEDULER_CONFIG
+    from .registry import load
+    from .train import training_alphas_cumprod
+
+    method, kw = _finetune_kw(recipe.model)
+    base = load(recipe.extra["base"])
+    x, y = load_digits("train", size=recipe.size)
+    keep = torch.isin(y, torch.tensor(recipe.extra["classes"]))
+    tc = recipe.train
+    res = finetune(base, method, x[keep], y[keep], training_alphas_cumprod(), steps=tc.steps, lr=tc.lr,
+                   seed=tc.seed, batch_size=tc.batch_size, p_uncond=tc.p_uncond, **kw)
+    state = adapter_state(method, base, res.model)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if old.is_file():
+            old.unlink()
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder)
+    rebuilt = _load_finetune(folder, {"base": recipe.extra["base"]}, None)
+    with torch.no_grad():
+        probe = torch.randn(16, 1, recipe.size, recipe.size, generator=torch.Generator().manual_seed(0))
+        t, c = torch.full((16,), 500), torch.arange(16) % 10
+        gap = float((rebuilt(probe, t, class_labels=c).sample - res.model(probe, t, class_labels=c).sample).abs().max())
+    n = max(1, tc.steps // 10)
+    curve = [[i + n, sum(res.losses[i:i + n]) / n] for i in range(0, len(res.losses) - n + 1, n)]
+    log = {"config_hash": recipe.config_hash, "steps": tc.steps, "train_seconds": round(res.seconds, 1),
+           "device": str(device), "trainable": res.trainable, "loss": curve, "info": res.info,
+           "stored_vs_trained_max_abs_output_gap": gap}
+    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+    return folder
+
+
+def _cost_finetune(obj, recipe) -> dict:
+    from .store import zoo_dir
+
+    log = json.loads((zoo_dir() / recipe.name / "train_log.json").read_text())
+    return {"params": sum(p.numel() for p in obj.parameters()), "trainable": log["trainable"]}
+
+
 KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("classifier", _load_classifier, _train_single, _cost_network, _eval_classifier, single_network=True),
     Kind("unet", _load_diffusers("UNet2DModel"), _train_single, _cost_network, _eval_digits, denoiser=True,
@@ -202,6 +273,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("exit_heads", _load_exit_heads, _train_adapter("exit_heads"), _cost_adapter, _eval_adapter, adapter=True),
     Kind("linear_attention", _load_linear, _train_adapter("linear_attention"), _cost_adapter, _eval_adapter,
          adapter=True),
+    # chapter 23: efficient fine-tuning (full / LoRA / DiffFit / SaRA updates of a zoo model)
+    Kind("finetune", _load_finetune, _train_finetune, _cost_finetune, _eval_adapter, denoiser=True, adapter=True),
 ]}
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 

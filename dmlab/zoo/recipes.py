@@ -135,6 +135,26 @@ RECIPES["sd_tiny"] = Recipe(
     size=16, extra={"vae_steps": 500, "vae_lr": 1e-3, "kl_weight": 1e-3})
 
 
+# Chapter 23 (efficient fine-tuning): the source-domain model, unet_s's network trained on digits 0-4 only.
+RECIPES["unet_src"] = Recipe(
+    "unet_src", "unet", "class-conditional UNet2DModel (unet_s's network) trained on digits 0-4 only: the source "
+                        "domain of the fine-tuning benchmark (chapter 23)",
+    _unet((16, 32, 32), 1), TrainConfig(steps=2000, lr=2e-3), extra={"classes": [0, 1, 2, 3, 4]})
+
+# Chapter 23: the source model adapted to digits 5-9 by four methods at a matched budget (same steps, batch, data
+# draws per seed), three training seeds each (kind "finetune"; model = the method and its settings).
+FT_STEPS, FT_BATCH = 300, 32
+FT_METHODS = {"full": ({"method": "full"}, 1e-3), "lora": ({"method": "lora", "rank": 2}, 1e-2),
+              "difffit": ({"method": "difffit"}, 1e-2), "sara": ({"method": "sara", "fraction": 0.06, "nuclear": 1e-4}, 1e-2)}
+for _m, (_cfg, _lr) in FT_METHODS.items():
+    for _s in range(3):
+        RECIPES[f"ft_{_m}_s{_s}"] = Recipe(
+            f"ft_{_m}_s{_s}", "finetune", f"unet_src fine-tuned on digits 5-9 by {_m} (seed {_s}, chapter 23)",
+            dict(_cfg), TrainConfig(steps=FT_STEPS, batch_size=FT_BATCH, lr=_lr, warmup=0, ema=0.0, p_uncond=0.1,
+                                    seed=_s, checkpoint_every=10 ** 6),
+            extra={"base": "unet_src", "classes": [5, 6, 7, 8, 9]})
+
+
 # Adapters: trained on a frozen zoo model named by extra["base"] (their network is derived from the base).
 RECIPES["dit_l_exit"] = Recipe(
     "dit_l_exit", "exit_heads", "DeeDiff exit heads and UEMs for dit_l (paper 53)", {},

@@ -130,6 +130,9 @@ def train(recipe: Recipe, *, device: str = "cpu", resume: bool = True, progress:
 
         rows = classifier_rows(recipe.extra["train_rows"], x_all.shape[0])
         x_all, y_all = x_all[rows], y_all[rows]
+    if "classes" in recipe.extra:  # a source-domain model trained on some digit classes only (chapter 23)
+        keep = torch.isin(y_all, torch.tensor(recipe.extra["classes"]))
+        x_all, y_all = x_all[keep], y_all[keep]
     model = build_model(recipe).to(device)
     gen = torch.Generator().manual_seed(tc.seed)
     if kind_of(recipe.kind).denoiser:
