@@ -34,7 +34,7 @@ from ..train import FitConfig, FitResult, fit
 
 __all__ = ["BootStudent", "consistency_fn", "ConsistencyModel", "sample_consistency",
            "distill_pairs", "consistency_distill", "boot_distill", "Discriminator", "teacher_step", "train_ring_students", "load_ring_students", "ring_teacher", "flow_grid",
-           "RING_METHODS", "SOLVERS"]
+           "RING_METHODS", "RingStudents", "SOLVERS"]
 
 SOLVERS = ("ode", "sde")
 
@@ -207,14 +207,14 @@ def consistency_distill(student: Callable, teacher: Callable, data: Callable, si
         got = data(g, batch)
         x0, cond = got if isinstance(got, tuple) else (got, {})
         n = torch.randint(len(s) - 1, (batch,), generator=g)
-        z = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
-        xi = torch.randn(x0.shape, generator=g, dtype=x0.dtype)
+        z = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)  # drawn on the CPU: same bits anywhere
+        xi = torch.randn(x0.shape, generator=g, dtype=x0.dtype).to(x0.device)
         return {"x0": x0, "n": n, "z": z, "xi": xi, **cond}
 
     def loss(b):
         b = dict(b)
         x0, n, z, xi = b.pop("x0"), b.pop("n"), b.pop("z"), b.pop("xi")
-        hi, lo = s[n].to(x0), s[n + 1].to(x0)
+        hi, lo = s[n.cpu()].to(x0), s[n.cpu() + 1].to(x0)
         x_hi = x0 + bcast(hi, x0) * z
         with torch.no_grad():
             x_lo = teacher_step(teacher, x_hi, hi, lo, eta=eta_, z=xi, cond=b)
@@ -418,12 +418,21 @@ def train_ring_students(config: dict, *, progress: bool = False) -> tuple[dict, 
     return state, log
 
 
-def load_ring_students(state: dict, config: dict) -> dict:
+class RingStudents(dict):
+    """``{method: [student per seed]}``; ``.to("cpu")`` is the zoo's device hook (these toys run on the CPU)."""
+
+    def to(self, device) -> "RingStudents":
+        if torch.device(device).type != "cpu":
+            raise ValueError("the ring students are 2-D CPU toys; load them with device='cpu'")
+        return self
+
+
+def load_ring_students(state: dict, config: dict) -> RingStudents:
     """``{method: [denoiser per seed]}`` from a :func:`train_ring_students` state dict (the zoo entry's weights):
     EDM-preconditioned students (sample them with :func:`sample_consistency`), ``rf2`` as a flow denoiser, and
     ``boot`` as a :class:`BootStudent` (``.sample(eps)``)."""
     cfg = _ring_config(config)
-    out = {m: [] for m in RING_METHODS}
+    out = RingStudents({m: [] for m in RING_METHODS})
     for seed in cfg["seeds"]:
         for m, mod in _ring_modules(cfg).items():
             pre = f"{m}.{seed}."
