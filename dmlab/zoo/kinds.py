@@ -238,8 +238,16 @@ def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=Tru
 def _cost_ring_students(obj, recipe) -> dict:
     from ..distill.consistency import _ring_modules
 
-    per_seed = sum(p.numel() for m in _ring_modules(recipe.model).values() for p in m.parameters())
-    return {"params": per_seed * len(recipe.model["seeds"])}
+    import torch
+
+    from ..bench import count_flops
+
+    mods = _ring_modules(recipe.model)
+    per_seed = sum(p.numel() for m in mods.values() for p in m.parameters())
+    x = torch.zeros(1, 2)
+    with torch.no_grad():  # one student call on one 2-D point (every student has the same MLP trunk)
+        flops = count_flops(lambda: mods["direct"](x, torch.zeros(1)))
+    return {"params": per_seed * len(recipe.model["seeds"]), "flops_per_call": int(flops)}
 
 
 def _eval_ring_students(name, root):
