@@ -32,15 +32,16 @@ from ..samplers.rectify import TimeMLP
 from ..samplers.sde import ancestral_step
 from ..train import FitConfig, FitResult, fit
 
-__all__ = ["BootStudent", "consistency_fn", "ConsistencyModel", "sample_consistency",
-           "distill_pairs", "consistency_distill", "boot_distill", "Discriminator", "teacher_step", "train_ring_students", "load_ring_students", "ring_teacher", "flow_grid",
-           "RING_METHODS", "RingStudents", "SOLVERS"]
+__all__ = ["consistency_fn", "ConsistencyModel", "sample_consistency", "teacher_step", "distill_pairs",
+           "consistency_distill", "Discriminator", "BootStudent", "boot_distill", "train_ring_students",
+           "load_ring_students", "RingStudents", "ring_teacher", "flow_grid", "RING_METHODS", "SOLVERS"]
 
 SOLVERS = ("ode", "sde")
 
 
 # ----------------------------------------------------------------------------------------------- students
-def consistency_fn(student: Callable, x: Tensor, sigma, *, sigma_min: float = 0.002, cond: dict | None = None) -> Tensor:
+def consistency_fn(student: Callable, x: Tensor, sigma, *, sigma_min: float = 0.002,
+                   cond: dict | None = None) -> Tensor:
     """The consistency function ``f(x, sigma) = x - (sigma - sigma_min) / sigma * (x - S(x, sigma))``.
 
     It is one DDIM (Euler) step of the student's denoiser ``S`` from ``sigma`` to ``sigma_min``, so the boundary
@@ -347,7 +348,8 @@ def _ring_config(config) -> dict:
 
 def train_ring_students(config: dict, *, progress: bool = False) -> tuple[dict, dict]:
     """Train every student of chapter 25 on the exact 8-Gaussian ring, for each seed (the zoo recipe
-    ``ring_students``; ``config`` is its model dict). Per seed ``s`` one generator (seed ``2500 + s``) draws everything, in this order:
+    ``ring_students``; ``config`` is its model dict). Per seed ``s`` one generator (seed ``2500 + s``) draws
+    everything, in this order:
 
     * ``direct``: :func:`distill_pairs` on ``n_pairs`` pairs of the exact teacher's ODE (Heun, 40 steps);
     * ``rf2``: a 2-rectified flow (:func:`dmlab.samplers.rectify.train_rectified`, flow form) on the same pairs;

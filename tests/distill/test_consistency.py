@@ -4,7 +4,6 @@ import torch
 
 from dmlab import exact, schedules
 from dmlab.distill import consistency as cm
-from dmlab.samplers import sample_euler
 from dmlab.zoo.toy import toy_denoiser
 
 
