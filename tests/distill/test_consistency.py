@@ -199,3 +199,51 @@ def test_ring_students_recipe_is_deterministic_and_the_zoo_entry_loads():
         cm.load_ring_students({k: v for k, v in a.items() if not k.startswith("boot")}, cfg)
     with pytest.raises(ValueError, match="model dict"):
         cm.train_ring_students({"seeds": [0]})
+
+
+def test_full_scale_cell_path_with_a_guided_text_teacher():
+    """The chapter's SD cell on a config-built text-conditional UNet: CFG teacher from ``sd_guided``, a copy of the UNet
+    as student with only its attention projections trainable, latents + per-row text embeddings as data."""
+    import copy
+    import math
+    import types
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from dmlab.denoisers import DiscreteVPDenoiser
+    from dmlab.samplers.fullscale import sd_guided
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=4, attention_head_dim=2).eval()
+    gen = torch.Generator().manual_seed(3)
+    emb = {p: torch.randn(1, 3, 8, generator=gen) for p in ("", "a lighthouse")}
+    pipe = types.SimpleNamespace(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100),
+                                 encode_prompt=lambda prompts, device, n, cfg, neg: (
+                                     torch.cat([emb[p] for p in prompts]), torch.cat([emb[p] for p in neg])))
+    D, cond, smin, smax, shape = sd_guided(pipe, ["a lighthouse"] * 2, scale=3.0)
+    lat = torch.randn(shape, generator=gen)  # stands in for the teacher's own samples
+    student_unet = copy.deepcopy(unet).train()
+    for name, p in student_unet.named_parameters():
+        p.requires_grad_(any(k in name for k in ("to_q", "to_k", "to_v", "to_out")))
+    frozen = {n: p.detach().clone() for n, p in student_unet.named_parameters() if not p.requires_grad}
+    student = DiscreteVPDenoiser.from_scheduler(student_unet, pipe.scheduler)
+    e = cond["encoder_hidden_states"]
+
+    def latents(g, n):
+        i = torch.randint(len(lat), (n,), generator=g)
+        return lat[i], {"encoder_hidden_states": e[i]}
+
+    critic = cm.Discriminator(math.prod(shape[1:]), 8)
+    res = cm.consistency_distill(student, D, latents, schedules.karras(6, smin, smax)[:-1], solver="sde", eta=0.5,
+                                 adversarial=0.3, discriminator=critic, module=student_unet, steps=2, batch=2,
+                                 lr=1e-3, sigma_min=smin, generator=torch.Generator().manual_seed(0))
+    assert res.complete and all(torch.isfinite(torch.tensor(res.losses)))
+    named = dict(student_unet.named_parameters())
+    assert all(torch.equal(named[n], v) for n, v in frozen.items())  # only the attention projections moved
+    assert any(not torch.equal(named[n], p) for n, p in unet.named_parameters() if "to_q" in n)
+    two = cm.sample_consistency(student, smax * torch.randn(shape, generator=gen), torch.tensor([smax, 1.0, 0.0]),
+                                cond=cond, generator=gen, sigma_min=smin)
+    assert two.shape == shape and torch.isfinite(two).all()
