@@ -276,6 +276,66 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     # chapter 23: efficient fine-tuning (full / LoRA / DiffFit / SaRA updates of a zoo model)
     Kind("finetune", _load_finetune, _train_finetune, _cost_finetune, _eval_adapter, denoiser=True, adapter=True),
 ]}
+# ----------------------------------------------------------------------------------------------- chapter 25
+def _load_ring_students(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..distill.consistency import load_ring_students
+
+    students = load_ring_students(load_file(str(folder / "model.safetensors")),
+                                  json.loads((folder / "config.json").read_text()))
+    return students
+
+
+def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from safetensors.torch import save_file
+
+    from ..distill.consistency import train_ring_students
+
+    t0 = time.time()
+    state, log = train_ring_students(recipe.model, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if old.is_file():
+            old.unlink()
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1),
+               steps=recipe.model["steps"], device="cpu")
+    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+    return folder
+
+
+def _cost_ring_students(obj, recipe) -> dict:
+    from ..distill.consistency import _ring_modules
+
+    import torch
+
+    from ..bench import count_flops
+
+    mods = _ring_modules(recipe.model)
+    per_seed = sum(p.numel() for m in mods.values() for p in m.parameters())
+    x = torch.zeros(1, 2)
+    with torch.no_grad():  # one student call on one 2-D point (every student has the same MLP trunk)
+        flops = count_flops(lambda: mods["direct"](x, torch.zeros(1)))
+    return {"params": per_seed * len(recipe.model["seeds"]), "flops_per_call": int(flops)}
+
+
+def _eval_ring_students(name, root):
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    return {f"final_loss_{m}": round(sum(v[m] for v in log["final_loss"].values()) / len(log["final_loss"]), 6)
+            for m in next(iter(log["final_loss"].values()))}
+
+
+KINDS["ring_students"] = Kind("ring_students", _load_ring_students, _train_ring_students, _cost_ring_students,
+                              _eval_ring_students)
+
+
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 
 

@@ -172,3 +172,14 @@ def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(sorted(RECIPES))}")
     return RECIPES[name]
+
+
+# Chapter 25: every student of the consistency chapter on the exact 8-Gaussian ring (7 methods x 3 seeds, small MLPs).
+RECIPES["ring_students"] = Recipe(
+    "ring_students", "ring_students", "chapter 25's one- and few-step students of the exact 8-Gaussian ring: direct "
+    "and reflow (InstaFlow) distillation, consistency distillation with ODE/SDE teacher steps and SCott's "
+    "adversarial term, BOOT; 3 training seeds each",
+    {"seeds": [0, 1, 2], "steps": 2000, "batch": 256, "hidden": 64, "lr": 2e-3, "sigma_max": 20.0,
+     "sigma_min": 0.002, "n_pairs": 3000, "teacher_heun_steps": 40, "reflow_euler_steps": 20, "cd_n": 18,
+     "eta": 0.5, "adversarial": 0.3},
+    TrainConfig(steps=2000, batch_size=256, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=2)
