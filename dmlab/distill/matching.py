@@ -111,6 +111,7 @@ class MatchingConfig:
     gan_weight: float = 0.0
     huber_c: float = 0.03
     warmup_critic: int = 100
+    sim_normalise: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -160,7 +161,7 @@ def dmd_loss(x: Tensor, sigma: Tensor, eps: Tensor, real: Callable, fake: Callab
 
 
 def sim_loss(x: Tensor, sigma: Tensor, eps: Tensor, real: Callable, fake: Callable, *, c: float = 0.03,
-             **cond) -> Tensor:
+             normalise: bool = False, **cond) -> Tensor:
     """SIM's generator loss with the pseudo-Huber distance (Luo et al. 2024, sec. 3.2-3.3), in denoiser units:
     ``mean_i -d'(y_i)^T (D_fake(x_t) - x)_i`` with ``y = D_fake(x_t) - D_real(x_t)``, ``x_t = x + sigma eps``,
     ``d'(y) = y / sqrt(|y|^2 + c^2)``. The networks' weights must be frozen by the caller (they get no step from
@@ -170,7 +171,10 @@ def sim_loss(x: Tensor, sigma: Tensor, eps: Tensor, real: Callable, fake: Callab
     d_fake = fake(xt, sigma, **cond).to(x.dtype)
     y = (d_fake - d_real).flatten(1)
     dprime = y / (y.pow(2).sum(1, keepdim=True) + c ** 2).sqrt()
-    return -(dprime * (d_fake - x).flatten(1)).sum(1).mean() / y.shape[1]
+    per = -(dprime * (d_fake - x).flatten(1)).sum(1)
+    if normalise:  # DMD's per-sample weight 1 / mean|x - D_real| (no gradient)
+        per = per / (x - d_real).detach().abs().flatten(1).mean(1).clamp_min(1e-8)
+    return per.mean() / y.shape[1]
 
 
 def fake_score_loss(fake: Callable, x: Tensor, sigma: Tensor, eps: Tensor, **cond) -> Tensor:
@@ -256,7 +260,8 @@ def distill(generator: OneStep, real: Callable, fake: Callable, fake_module: nn.
                 total = total + dmd_loss(x, b["s_gen"], b["e_gen"], real, fake, **cond)
             else:
                 with _frozen(fake_module):
-                    total = total + sim_loss(x, b["s_gen"], b["e_gen"], real, fake, c=config.huber_c, **cond)
+                    total = total + sim_loss(x, b["s_gen"], b["e_gen"], real, fake, c=config.huber_c,
+                                              normalise=config.sim_normalise, **cond)
             if config.gan_weight > 0:
                 _, g_loss = gan_losses(gan_head, x, b["real"], b["s_gen"], b["e_gen"], b["e_real"])
                 total = total + config.gan_weight * g_loss
