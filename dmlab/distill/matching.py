@@ -67,19 +67,21 @@ class OneStep(nn.Module):
 class ToyFeatures(nn.Module):
     """Features of a toy fake-score denoiser (``EDMPrecond(ToyMLP)``) for DMD2's GAN head: the last hidden layer
     of the MLP at the preconditioned input, then a linear logit. The head's own weights live here; the features
-    are the fake-score network's (shared, as in DMD2)."""
+    are the fake-score network's (shared, as in DMD2). The head is initialised from ``seed``."""
 
-    def __init__(self, fake):
+    def __init__(self, fake, *, seed: int = 0):
         super().__init__()
         net = getattr(fake, "net", None)
         if net is None or not hasattr(net, "_embed") or not hasattr(net, "net"):
             raise TypeError("ToyFeatures needs a toy denoiser (dmlab.zoo.toy.toy_denoiser); for other networks "
                             "pass gan_head=None and gan_weight=0")
         self.fake = fake
-        self.head = nn.Linear(net.net[-1].in_features, 1)
+        with torch.random.fork_rng(devices=[]):  # initialised from seed, the global stream untouched
+            torch.manual_seed(seed)
+            self.head = nn.Linear(net.net[-1].in_features, 1)
 
-    def forward(self, x: Tensor, sigma: Tensor, net: nn.Module | None = None) -> Tensor:
-        net = net if net is not None else self.fake.net
+    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+        net = self.fake.net
         _, _, c_in, c_noise = self.fake.coefficients(as_sigma(sigma, x))
         h = net.net[:-1](net._embed(bcast(c_in, x) * x, c_noise))
         return self.head(h)[:, 0]
@@ -189,12 +191,12 @@ def gan_losses(head: ToyFeatures, x_fake: Tensor, x_real: Tensor, sigma: Tensor,
                eps_real: Tensor) -> tuple[Tensor, Tensor]:
     """DMD2's GAN terms on noised samples: ``(discriminator loss, generator loss)``, non-saturating
     (``softplus(-D(real)) + softplus(D(fake))`` and ``softplus(-D(fake))``). The discriminator loss sees detached
-    fakes; the generator loss sees the discriminator through detached weights (the discriminator gets no step
-    from it)."""
+    fakes; the generator loss sees the discriminator (head and fake-score features) through frozen weights: it
+    gets no step from it."""
     d_loss = (nn.functional.softplus(-head(_noised(x_real, sigma, eps_real), sigma))
               + nn.functional.softplus(head(_noised(x_fake.detach(), sigma, eps), sigma))).mean()
-    frozen = {k: v.detach() for k, v in head.named_parameters()}
-    logit = torch.func.functional_call(head, frozen, (_noised(x_fake, sigma, eps), sigma))
+    with _frozen(head), _frozen(head.fake.net):
+        logit = head(_noised(x_fake, sigma, eps), sigma)
     return d_loss, nn.functional.softplus(-logit).mean()
 
 
