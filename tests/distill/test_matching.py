@@ -148,3 +148,26 @@ def test_bad_inputs():
         M.distill(d, d, d, d.net, M.MatchingConfig(), generator_seed=torch.Generator(), latent_shape=(2,))
     with pytest.raises(ValueError, match="points"):
         M.grid_cells(torch.zeros(3, 3), 1.0, 4)
+
+
+def test_mmd_finetune_moves_few_step_samples_onto_the_data():
+    from dmlab import schedules
+    from dmlab.samplers import sample_euler
+
+    target = _gauss([1.0, -0.5], 0.05)
+    den = toy_denoiser(2, 32, 2, seed=0)
+    sig = schedules.karras(2, 0.002, 10.0)
+    z = torch.randn(512, 2, generator=torch.Generator().manual_seed(4))
+
+    def err():
+        with torch.no_grad():
+            return (sample_euler(den, z * sig[0], sig).mean(0) - torch.tensor([1.0, -0.5])).norm()
+
+    before = err()
+    res = M.mmd_finetune(den, den.net, sample_euler, sig, M.MMDConfig(steps=25, batch=64, lr=1e-2),
+                         generator_seed=torch.Generator().manual_seed(0), latent_shape=(2,),
+                         real_sample=lambda n, g: target.sample(n, g))
+    assert res.steps == 25 and err() < 0.5 * before
+    assert M.differentiable(sample_euler) is not sample_euler  # the no_grad wrapper is removed
+    with pytest.raises(ValueError, match="MMDConfig"):
+        M.MMDConfig(steps=1)
