@@ -268,7 +268,7 @@ def distill(render: Callable[[], Tensor], params: Sequence[Tensor], denoiser: Ca
         x = render()
         xd = x.detach()
         t = ts[k]
-        sig = sigma_of_t(t, sigmas).to(xd.dtype)
+        sig = sigma_of_t(t, sigmas).to(device=xd.device, dtype=xd.dtype)
         g = torch.zeros_like(xd)
         for _ in range(draws):
             eps = torch.randn(xd.shape, generator=generator, dtype=xd.dtype).to(xd.device)
@@ -277,7 +277,8 @@ def distill(render: Callable[[], Tensor], params: Sequence[Tensor], denoiser: Ca
             elif method == "vsd":
                 g += vsd_grad(D, particle_model(xd), xd, sig, eps, weighting=weighting, **cond)
             else:
-                sig2 = sigma_of_t(asd_shift(t, ratio=asd_ratio, t_min=t_min), sigmas).to(xd.dtype)
+                sig2 = sigma_of_t(asd_shift(t, ratio=asd_ratio, t_min=t_min), sigmas)
+                sig2 = sig2.to(device=xd.device, dtype=xd.dtype)
                 g += asd_grad(D, xd, sig, sig2, eps, baseline=B, weighting=weighting, **cond)
         g /= draws
         opt.zero_grad(set_to_none=True)

@@ -163,26 +163,32 @@ def test_transport_costs_are_the_exact_w2():
 
 
 def test_full_scale_path_on_a_config_built_sd_unet():
-    """The full-scale cell's path: a text-conditional diffusers UNet as a VP denoiser, CFG, SDS and ASD on a latent."""
+    """The full-scale cell's path: samplers.fullscale.sd_guided on a pipeline whose UNet is a config-built
+    UNet2DConditionModel, then SDS and ASD (baseline: the unguided VP adapter) on a latent."""
+    import types
+
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from dmlab.denoisers import DiscreteVPDenoiser, cfg
+    from dmlab.denoisers import DiscreteVPDenoiser
+    from dmlab.samplers.fullscale import sd_guided
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
                                 attention_head_dim=2, norm_num_groups=4).eval()
-    den = DiscreteVPDenoiser.from_scheduler(unet, DDPMScheduler())
-    c, u = torch.randn(1, 3, 8), torch.zeros(1, 3, 8)
-    guided = cfg(den, 7.5, {"encoder_hidden_states": u}, batched=True)
+    emb = {p: torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(len(p))) for p in ("", "a corgi")}
+    pipe = types.SimpleNamespace(unet=unet, scheduler=DDPMScheduler(), encode_prompt=lambda ps, d, n, c, neg: (
+        torch.cat([emb[p] for p in ps]), torch.cat([emb[p] for p in neg])))
+    guided, cond, _, _, shape = sd_guided(pipe, ["a corgi"], 7.5)
+    den = DiscreteVPDenoiser.from_scheduler(unet, pipe.scheduler)
     for method in ("sds", "asd"):
         g = torch.Generator().manual_seed(0)
-        lat = (0.1 * torch.randn(1, 4, 8, 8, generator=g)).requires_grad_()
+        lat = (0.1 * torch.randn(shape, generator=g)).requires_grad_()
         start = lat.detach().clone()
         kw = {"baseline": den} if method == "asd" else {}
         r = sd.distill(lambda: lat * 1, [lat], guided, method=method, schedule="annealed", n_steps=2, lr=0.01,
-                       generator=g, cond={"encoder_hidden_states": c}, sigmas=den.sigmas_train, **kw)
-        assert r.x.shape == (1, 4, 8, 8) and torch.isfinite(r.x).all()
+                       generator=g, cond=cond, sigmas=den.sigmas_train, **kw)
+        assert r.x.shape == shape and torch.isfinite(r.x).all()
         assert not torch.equal(r.x, start)
         assert r.nfe == (4 if method == "asd" else 2)
