@@ -26,7 +26,9 @@ Four gradients share this module:
 
 :func:`distill` runs the optimisation for any renderer (particles, an image, a generator amortised over classes) with
 a time schedule, counts the calls of the frozen model (a CFG wrapper batched over both branches is one call),
-and keeps snapshots. :func:`transport_costs` / :func:`wasserstein2` give the exact W2 between equal-size particle sets (the 2-D
+and keeps snapshots. :func:`projection_matrix`, :func:`view_prior` and :func:`condition_on_views` are a linear camera in flatland and the
+exact view priors of a Gaussian-mixture scene prior (unconditioned, or conditioned on input views as in Sparse3D,
+Zou et al. 2023, ``zou2023sparse3d``). :func:`transport_costs` / :func:`wasserstein2` give the exact W2 between equal-size particle sets (the 2-D
 yardstick).
 """
 from __future__ import annotations
@@ -44,7 +46,9 @@ from .exact import GMMDenoiser
 
 __all__ = ["SCHEDULES", "METHODS", "WEIGHTINGS", "default_sigmas", "sigma_of_t", "weight", "timesteps", "eps_hat", "sds_grad",
            "sds_reconstruction_loss", "vsd_grad", "asd_grad", "asd_shift", "particle_denoiser", "DistillResult",
-           "distill", "transport_costs", "wasserstein2"]
+           "distill", "projection_matrix", "view_prior", "condition_on_views", "reconstruct_from_views",
+           "transport_costs",
+           "wasserstein2"]
 
 SCHEDULES = ("random", "annealed", "annealed-random")
 METHODS = ("sds", "vsd", "asd")
@@ -292,6 +296,100 @@ def distill(render: Callable[[], Tensor], params: Sequence[Tensor], denoiser: Ca
         out.x = render().detach()
     out.nfe = D.calls + (B.calls if B is not None else 0)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- scenes and views
+def projection_matrix(size: int, angle: float, bins: int | None = None) -> Tensor:
+    """A parallel-beam camera in flatland: the ``[bins, size * size]`` matrix that integrates a ``size x size`` scene
+    (pixel centres on ``[-1, 1]^2``) along the direction at ``angle`` (radians), with linear binning onto ``bins``
+    detector cells over ``[-sqrt 2, sqrt 2]``. A linear renderer, so a Gaussian-mixture scene prior gives an exact
+    Gaussian-mixture prior for every view (:func:`view_prior`)."""
+    if not (isinstance(size, int) and size >= 2):
+        raise ValueError(f"size must be an int >= 2, got {size!r}")
+    bins = size if bins is None else bins
+    if not (isinstance(bins, int) and bins >= 2):
+        raise ValueError(f"bins must be an int >= 2, got {bins!r}")
+    c = torch.linspace(-1, 1, size, dtype=torch.float64)
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    s = xx.flatten() * math.cos(angle) + yy.flatten() * math.sin(angle)
+    cells = torch.linspace(-math.sqrt(2), math.sqrt(2), bins, dtype=torch.float64)
+    h = cells[1] - cells[0]
+    return (1 - (s[None] - cells[:, None]).abs() / h).clamp_min(0) * (2 / size)
+
+
+def view_prior(prior: GMMDenoiser, P: Tensor, *, jitter: float = 1e-9) -> GMMDenoiser:
+    """The exact prior of the renders ``P v`` of scenes ``v ~ prior`` (a mixture pushed through a linear camera):
+    ``sum_k w_k N(P mu_k, P C_k P^T)``, the view-conditioned model a multi-view diffusion prior learns."""
+    if not isinstance(prior, GMMDenoiser):
+        raise TypeError("prior must be a GMMDenoiser over flattened scenes")
+    P = torch.as_tensor(P, dtype=torch.float64)
+    if P.ndim != 2 or P.shape[1] != prior.dim:
+        raise ValueError(f"P must be [bins, {prior.dim}] (a camera of the prior's scenes), got {tuple(P.shape)}")
+    C = P @ prior.covs @ P.T
+    return GMMDenoiser(prior.weights, prior.means @ P.T, (C + C.mT) / 2 + jitter * torch.eye(len(P), dtype=torch.float64))
+
+
+def condition_on_views(prior: GMMDenoiser, A: Tensor, y: Tensor, *, noise_var: float = 1e-4) -> GMMDenoiser:
+    """The exact posterior of scenes given observed views ``y = A v + n``, ``n ~ N(0, noise_var I)``: per component
+    Gaussian conditioning (Kalman update) and weights re-scored by each component's evidence. Pushed through a camera
+    by :func:`view_prior`, it is the multi-view prior *conditioned on the input views* that Sparse3D distils."""
+    if not isinstance(prior, GMMDenoiser):
+        raise TypeError("prior must be a GMMDenoiser over flattened scenes")
+    A, y = torch.as_tensor(A, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
+    if A.ndim != 2 or A.shape[1] != prior.dim or y.shape != (A.shape[0],):
+        raise ValueError(f"A must be [m, {prior.dim}] and y [m], got {tuple(A.shape)} and {tuple(y.shape)}")
+    if not noise_var > 0:
+        raise ValueError(f"noise_var must be > 0, got {noise_var!r}")
+    S = A @ prior.covs @ A.T + noise_var * torch.eye(len(A), dtype=torch.float64)
+    gain = prior.covs @ A.T @ torch.linalg.inv(S)
+    mu = prior.means + (gain @ (y[None] - prior.means @ A.T)[..., None])[..., 0]
+    C = prior.covs - gain @ A @ prior.covs
+    lam, U = torch.linalg.eigh((C + C.mT) / 2)
+    C = U @ torch.diag_embed(lam.clamp_min(0)) @ U.mT
+    logw = prior.weights.log() + torch.distributions.MultivariateNormal(prior.means @ A.T, S).log_prob(y[None])
+    return GMMDenoiser(torch.softmax(logw, 0), mu, (C + C.mT) / 2)
+
+
+def reconstruct_from_views(prior: GMMDenoiser, cameras: Sequence[Tensor], observed: Sequence[int], y: Tensor, *,
+                           distill_prior: str | None = "conditioned", n_steps: int = 150, lr: float = 0.05,
+                           prior_weight: float = 30.0, views_per_step: int = 3, data_weight: float = 50.0,
+                           generator: torch.Generator) -> Tensor:
+    """Reconstruct a flattened scene from the views ``y`` (stacked) of the cameras ``observed``.
+
+    The loss is ``data_weight ||A v - y||^2`` (``A`` stacks the observed cameras) plus, unless ``distill_prior`` is
+    None, SDS from ``views_per_step`` random *novel* cameras per step, weighted by ``prior_weight``: the prior of a
+    novel view is :func:`view_prior` of ``prior`` (``"unconditioned"``, DreamFusion-style) or of the posterior given
+    the observed views (``"conditioned"``: the multi-view-consistent prior Sparse3D distils). Noise levels are
+    annealed (:func:`timesteps`); Adam from ``v = 0``. Returns ``v`` ``[dim]``.
+    """
+    if distill_prior not in (None, "conditioned", "unconditioned"):
+        raise ValueError(f"distill_prior must be None, 'conditioned' or 'unconditioned', got {distill_prior!r}")
+    observed = list(observed)
+    if not observed or any(not 0 <= i < len(cameras) for i in observed):
+        raise ValueError(f"observed must list camera indices in [0, {len(cameras) - 1}], got {observed}")
+    A = torch.cat([torch.as_tensor(cameras[i], dtype=torch.float64) for i in observed])
+    y = torch.as_tensor(y, dtype=torch.float64)
+    if y.shape != (A.shape[0],):
+        raise ValueError(f"y must stack the observed views, shape [{A.shape[0]}], got {tuple(y.shape)}")
+    novel = [i for i in range(len(cameras)) if i not in observed]
+    if distill_prior is not None:
+        base = condition_on_views(prior, A, y) if distill_prior == "conditioned" else prior
+        views = {i: view_prior(base, cameras[i]) for i in novel}
+    ts = timesteps("annealed", n_steps, 1)
+    v = torch.zeros(prior.dim, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([v], lr=lr)
+    for k in range(n_steps):
+        opt.zero_grad(set_to_none=True)
+        (data_weight * ((A @ v - y) ** 2).sum()).backward()
+        if distill_prior is not None and novel:
+            sig = sigma_of_t(ts[k])
+            for j in torch.randperm(len(novel), generator=generator)[:views_per_step].tolist():
+                x = (cameras[novel[j]] @ v)[None]
+                eps = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+                g = sds_grad(views[novel[j]], x.detach(), sig, eps)
+                x.backward(gradient=prior_weight * g / min(views_per_step, len(novel)))
+        opt.step()
+    return v.detach()
 
 
 # ----------------------------------------------------------------------------------------------- yardstick

@@ -192,3 +192,54 @@ def test_full_scale_path_on_a_config_built_sd_unet():
         assert r.x.shape == shape and torch.isfinite(r.x).all()
         assert not torch.equal(r.x, start)
         assert r.nfe == (4 if method == "asd" else 2)
+
+
+def _two_shape_prior(size=6):
+    a = torch.zeros(size * size, dtype=torch.float64)
+    a[: size * size // 2] = 1
+    return GMMDenoiser(torch.ones(2), torch.stack([a, a.flip(0)]), torch.full((2,), 0.01, dtype=torch.float64))
+
+
+def test_projection_matrix_preserves_mass_and_validates():
+    for angle in (0.0, 0.4, math.pi / 2, 2.0):
+        P = sd.projection_matrix(7, angle)
+        torch.testing.assert_close(P.sum(0), torch.full((49,), 2 / 7, dtype=torch.float64))  # partition of unity
+    with pytest.raises(ValueError, match="size"):
+        sd.projection_matrix(1, 0.0)
+
+
+def test_view_prior_matches_projected_samples():
+    prior = _two_shape_prior()
+    P = sd.projection_matrix(6, 0.7)
+    vp = sd.view_prior(prior, P)
+    torch.testing.assert_close(vp.means, prior.means @ P.T)
+    v = prior.sample(4000, torch.Generator().manual_seed(0)) @ P.T
+    mix_mean = vp.weights @ vp.means
+    assert (v.mean(0) - mix_mean).abs().max() < 0.05
+    with pytest.raises(ValueError, match="camera"):
+        sd.view_prior(prior, P[:, :10])
+
+
+def test_condition_on_views_picks_the_seen_shape_and_fits_the_views():
+    prior = _two_shape_prior()
+    A = sd.projection_matrix(6, math.pi / 2)  # integrates along x: sees the top/bottom split
+    v = prior.sample(1, torch.Generator().manual_seed(3)).squeeze(0)
+    post = sd.condition_on_views(prior, A, A @ v, noise_var=1e-6)
+    k_true = int(torch.cdist(v[None], prior.means).argmin())
+    assert float(post.weights[k_true]) > 0.99
+    torch.testing.assert_close(A @ (post.weights @ post.means), A @ v, atol=1e-3, rtol=0)
+
+
+def test_conditioned_prior_beats_no_prior_on_a_two_shape_scene():
+    prior = _two_shape_prior()
+    cams = [sd.projection_matrix(6, a) for a in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)]
+    v = prior.sample(1, torch.Generator().manual_seed(1)).squeeze(0)
+    y = cams[2] @ v
+    errs = {}
+    for kind in (None, "conditioned"):
+        r = sd.reconstruct_from_views(prior, cams, [2], y, distill_prior=kind, n_steps=120,
+                                      generator=torch.Generator().manual_seed(0))
+        errs[kind] = float(((r - v) ** 2).mean())
+    assert errs["conditioned"] < 0.5 * errs[None]
+    with pytest.raises(ValueError, match="distill_prior"):
+        sd.reconstruct_from_views(prior, cams, [2], y, distill_prior="mv", generator=torch.Generator())
