@@ -364,7 +364,8 @@ def _train_guided_students(recipe, folder, device="cpu", resume=True, progress=T
             old.unlink()
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
-    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1), device="cpu")
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1),
+               steps=recipe.model["steps"], device="cpu")
     (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
     return folder
 
