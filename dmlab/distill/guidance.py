@@ -208,11 +208,9 @@ def _edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
 
 
 def _check_run(steps, batch, generator, w_range):
-    if not isinstance(generator, torch.Generator):
-        raise TypeError("generator must be a torch.Generator (every draw of the training run comes from it)")
-    for name, v in (("steps", steps), ("batch", batch)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    from .consistency import _check_common
+
+    _check_common(None, steps, batch, generator)
     lo, hi = (float(v) for v in w_range)
     if not lo <= hi:
         raise ValueError(f"w_range must be (low, high) with low <= high, got {w_range!r}")

@@ -290,19 +290,24 @@ def _load_ring_students(folder, entry, root):
 def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=True):
     import time
 
-    from safetensors.torch import save_file
-
     from ..distill.consistency import train_ring_students
 
     t0 = time.time()
     state, log = train_ring_students(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.time() - t0)
+
+
+def _save_toy_entry(recipe, folder, state, log, seconds):
+    """Write a CPU toy entry (one state dict of every network, its model config and the training log)."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.iterdir():
         if old.is_file():
             old.unlink()
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
-    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1),
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(seconds, 1),
                steps=recipe.model["steps"], device="cpu")
     (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
     return folder
@@ -350,24 +355,13 @@ def _load_guided_students(folder, entry, root):
 def _train_guided_students(recipe, folder, device="cpu", resume=True, progress=True):
     import time
 
-    from safetensors.torch import save_file
-
     from ..bench import num_threads
     from ..distill.guidance import train_guided_students
 
     t0 = time.time()
     with num_threads(1):  # tiny MLPs: one thread is faster, and reproducible
         state, log = train_guided_students(recipe.model, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.is_file():
-            old.unlink()
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
-    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1),
-               steps=recipe.model["steps"], device="cpu")
-    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
-    return folder
+    return _save_toy_entry(recipe, folder, state, log, time.time() - t0)
 
 
 def _cost_guided_students(obj, recipe) -> dict:
