@@ -42,7 +42,8 @@ from ..train import FitConfig, FitResult, fit
 
 __all__ = ["cfg_target", "GuidedTeacher", "GuidanceEmbedding", "WStudent", "adapters_off", "base_teacher", "guidance_distill",
            "progressive_distill", "training_bytes", "ClassGMM", "class_ring", "ClassMLP", "GUIDED_KEYS",
-           "ring_student", "stage1_batch_loss", "train_guided_students", "GuidedStudents", "load_guided_students", "unet_student"]
+           "ring_student", "stage1_batch_loss", "train_guided_students", "GuidedStudents", "load_guided_students", "unet_student",
+           "sd_guidance_distill"]
 
 
 def _check_denoiser(d, name: str) -> None:
@@ -633,3 +634,49 @@ def unet_student(unet: nn.Module, scheduler, *, rank: int = 8,
     net = adapt(unet, "lora", rank=rank, target_modules=list(target_modules), init_seed=init_seed,
                 copy_model=False).model
     return WStudent(net, lambda m: DiscreteVPDenoiser.from_scheduler(m, scheduler), "time_embedding", width=width)
+
+
+def sd_guidance_distill(pipe, prompts, *, w: float = 7.5, rank: int = 8, n_steps: int = 20, train_steps: int = 400,
+                        batch: int = 2, lr: float = 1e-4, w_range: tuple = (2.0, 12.0),
+                        generator: torch.Generator) -> dict:
+    """LoRA guidance distillation of a diffusers Stable Diffusion pipeline (the chapter's full-scale path).
+
+    The student is :func:`unet_student` on ``pipe.unet`` (in place: LoRA on the attention projections and the
+    w-embedding); the teacher is the same UNet with the adapters off, guided against the empty prompt. The
+    training latents are the teacher's own ``n_steps``-step Euler samples at guidance ``w`` for ``prompts``
+    (no dataset needed); then :func:`guidance_distill` for ``train_steps`` and one-pass sampling from the same
+    noise. Returns ``{"student", "teacher_latents", "student_latents", "losses"}``.
+    """
+    from ..samplers.ode import sample_euler
+    from ..schedules import karras
+
+    if isinstance(prompts, str) or not len(prompts):
+        raise TypeError("prompts must be a non-empty list of strings (one image per prompt)")
+    dev = pipe.unet.device
+    n = len(prompts)
+    pos, neg = pipe.encode_prompt(list(prompts), dev, 1, True, [""] * n)
+    st = unet_student(pipe.unet, pipe.scheduler, rank=rank)
+    base = base_teacher(st)
+
+    def uncond(c):
+        e = c["encoder_hidden_states"]
+        return {"encoder_hidden_states": neg[:1].expand(e.shape[0], *neg.shape[1:])}
+
+    smin, smax = st.denoiser.sigma_min, st.denoiser.sigma_max
+    size = pipe.unet.config.sample_size
+    noise = torch.randn(n, pipe.unet.config.in_channels, size, size, generator=generator).to(dev)
+    cond = {"encoder_hidden_states": pos, "w": torch.full((n,), float(w), device=dev)}
+    grid = karras(n_steps, smin, smax)
+    with torch.no_grad():
+        lat = sample_euler(GuidedTeacher(base, uncond), smax * noise, grid, cond=cond)
+
+    def data(g, k):
+        i = torch.randint(n, (k,), generator=g).to(dev)
+        return lat[i], {"encoder_hidden_states": pos[i]}
+
+    res = guidance_distill(st, base, data, uncond, w_range=w_range, sigma_range=(smin, smax), sigma_data=1.0,
+                           steps=train_steps, batch=batch, lr=lr, generator=generator)
+    st.eval()
+    with torch.no_grad():
+        one = sample_euler(st, smax * noise, grid, cond=cond)
+    return {"student": st, "teacher_latents": lat, "student_latents": one, "losses": res.losses}

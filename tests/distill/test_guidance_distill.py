@@ -182,3 +182,27 @@ def test_full_scale_path_on_config_built_unet():
         assert torch.allclose(base(x, sig, encoder_hidden_states=pos), t0, atol=1e-6)
         out = ref(x, torch.full((2,), 10), encoder_hidden_states=pos).sample
         assert out.shape == x.shape
+
+
+def test_sd_guidance_distill_on_a_config_built_pipeline():
+    import types
+
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=4, attention_head_dim=2).eval()
+    g = torch.Generator().manual_seed(3)
+    emb = {p: torch.randn(1, 3, 8, generator=g) for p in ("", "a", "b")}
+    pipe = types.SimpleNamespace(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100),
+                                 encode_prompt=lambda prompts, device, n, cfg, neg: (
+                                     torch.cat([emb[p] for p in prompts]), torch.cat([emb[p] for p in neg])))
+    out = gd.sd_guidance_distill(pipe, ["a", "b"], w=3.0, rank=2, n_steps=3, train_steps=2, batch=2, lr=1e-2,
+                                 generator=torch.Generator().manual_seed(0))
+    assert out["teacher_latents"].shape == out["student_latents"].shape == (2, 4, 8, 8)
+    assert len(out["losses"]) == 2 and all(torch.isfinite(torch.tensor(out["losses"])))
+    assert not torch.allclose(out["teacher_latents"], out["student_latents"])  # the student was trained
+    with pytest.raises(TypeError, match="list of strings"):
+        gd.sd_guidance_distill(pipe, "a", generator=torch.Generator())
