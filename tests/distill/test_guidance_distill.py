@@ -134,6 +134,8 @@ def test_progressive_step_targets_two_teacher_steps():
 
 def test_zoo_round_trip_tiny():
     state, log = gd.train_guided_students(TINY)
+    again, _ = gd.train_guided_students(TINY)
+    assert state.keys() == again.keys() and all(torch.equal(state[k], again[k]) for k in state)  # deterministic
     assert set(log["final_loss"]["0"]) == {"full", "lora", "pd2", "pd1"}
     assert log["params"]["lora"] < log["params"]["full"]
     S = gd.load_guided_students(state, TINY)
@@ -206,3 +208,12 @@ def test_sd_guidance_distill_on_a_config_built_pipeline():
     assert not torch.allclose(out["teacher_latents"], out["student_latents"])  # the student was trained
     with pytest.raises(TypeError, match="list of strings"):
         gd.sd_guidance_distill(pipe, "a", generator=torch.Generator())
+
+
+def test_the_zoo_entry_loads():
+    from dmlab import zoo
+
+    S = zoo.load("guided_students")
+    n = len(zoo.get_recipe("guided_students").model["seeds"])
+    assert {k: len(S[k]) for k in ("full", "lora", "pd4", "pd2")} == dict.fromkeys(("full", "lora", "pd4", "pd2"), n)
+    assert all(not p.requires_grad for st in S["lora"] for p in st.modules.parameters())
