@@ -1,6 +1,6 @@
 """Distillation: students that do in fewer network calls what their teachers do in many (Part VI).
 
-One module per chapter: :mod:`.guided` (guidance distillation, chapter 24), :mod:`.consistency` (consistency and
+One module per chapter: :mod:`.guidance` (guidance distillation, chapter 24), :mod:`.consistency` (consistency and
 few-step models, chapter 25), :mod:`.matching` (distribution matching, chapter 26), :mod:`.architecture` (smaller
 students of the same teacher, chapter 27). Every student is trained by :func:`dmlab.train.fit` and stored in the zoo.
 """

@@ -290,19 +290,24 @@ def _load_ring_students(folder, entry, root):
 def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=True):
     import time
 
-    from safetensors.torch import save_file
-
     from ..distill.consistency import train_ring_students
 
     t0 = time.time()
     state, log = train_ring_students(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.time() - t0)
+
+
+def _save_toy_entry(recipe, folder, state, log, seconds):
+    """Write a CPU toy entry (one state dict of every network, its model config and the training log)."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.iterdir():
         if old.is_file():
             old.unlink()
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
-    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1),
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(seconds, 1),
                steps=recipe.model["steps"], device="cpu")
     (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
     return folder
@@ -335,6 +340,57 @@ def _eval_ring_students(name, root):
 KINDS["ring_students"] = Kind("ring_students", _load_ring_students, _train_ring_students, _cost_ring_students,
                               _eval_ring_students)
 
+
+
+# ----------------------------------------------------------------------------------------------- chapter 24
+def _load_guided_students(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..distill.guidance import load_guided_students
+
+    return load_guided_students(load_file(str(folder / "model.safetensors")),
+                                json.loads((folder / "config.json").read_text()))
+
+
+def _train_guided_students(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..bench import num_threads
+    from ..distill.guidance import train_guided_students
+
+    t0 = time.time()
+    with num_threads(1):  # tiny MLPs: one thread is faster, and reproducible
+        state, log = train_guided_students(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.time() - t0)
+
+
+def _cost_guided_students(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+    from ..distill.guidance import ClassMLP
+
+    cfg = recipe.model
+    net = ClassMLP(2, cfg["hidden"], cfg["depth"], 4)
+    with torch.no_grad():  # one teacher-network call on one 2-D point
+        flops = count_flops(lambda: net(torch.zeros(1, 2), torch.zeros(1), torch.zeros(1, dtype=torch.long)))
+    per = sum(p.numel() for p in net.parameters())
+    return {"params": per * (1 + 4 * len(cfg["seeds"])), "flops_per_call": int(flops)}
+
+
+def _eval_guided_students(name, root):
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    seeds = [v for k, v in log["final_loss"].items() if k != "teacher"]
+    out = {"final_loss_teacher": round(log["final_loss"]["teacher"], 6)}
+    out.update({f"final_loss_{m}": round(sum(v[m] for v in seeds) / len(seeds), 6) for m in seeds[0]})
+    return out
+
+
+KINDS["guided_students"] = Kind("guided_students", _load_guided_students, _train_guided_students,
+                                _cost_guided_students, _eval_guided_students)
 
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 

@@ -183,3 +183,15 @@ RECIPES["ring_students"] = Recipe(
      "sigma_min": 0.002, "n_pairs": 3000, "teacher_heun_steps": 40, "reflow_euler_steps": 20, "cd_n": 18,
      "eta": 0.5, "adversarial": 0.3},
     TrainConfig(steps=2000, batch_size=256, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=2)
+
+
+# Chapter 24: guidance distillation on the exact class-conditional ring (teacher, full and LoRA stage-1 students,
+# progressive students; 3 training seeds, small MLPs).
+RECIPES["guided_students"] = Recipe(
+    "guided_students", "guided_students", "chapter 24's guidance-distilled students of the exact class-conditional "
+    "8-Gaussian ring: a class-conditional teacher, w-conditioned one-pass students (full copy and LoRA), and two "
+    "rounds of progressive distillation (8 -> 4 -> 2 steps); 3 training seeds each",
+    {"seeds": [0, 1, 2], "hidden": 64, "depth": 3, "teacher_steps": 2000, "steps": 1500, "pd_steps": 800,
+     "batch": 256, "lr": 2e-3, "lora_rank": 4, "w_range": [1.0, 4.0], "sigma_min": 0.002, "sigma_max": 20.0,
+     "grid_steps": 8, "p_uncond": 0.2},
+    TrainConfig(steps=1500, batch_size=256, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.2), size=2)
