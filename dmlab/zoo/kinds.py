@@ -119,24 +119,31 @@ def _train_sd(recipe, folder, device="cpu", resume=True, progress=True):
     return train_pipeline(recipe, folder, device=device, resume=resume, progress=progress)
 
 
+def _write_weights(folder: pathlib.Path, state: dict, config: dict) -> None:
+    """Empty ``folder`` of files, then write ``model.safetensors`` (``state``) and ``config.json`` (``config``)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if old.is_file():
+            old.unlink()
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+
+
+def _write_log(folder: pathlib.Path, log: dict) -> None:
+    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+
+
 def _train_adapter(builder: str):
     def train(recipe, folder, device="cpu", resume=True, progress=True):
-        from safetensors.torch import save_file
-
         from ..accelerators import early_exit, linear_attention
 
         fn = {"exit_heads": early_exit.build_exit_heads, "linear_attention": linear_attention.build_linear_attention}
         module = fn[builder](None, adapter_recipe_dict(recipe), device=device)
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.iterdir():
-            if old.is_file():
-                old.unlink()
         module = module.cpu().eval()
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
-                  str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(module.config(), indent=1, sort_keys=True) + "\n")
-        log = dict(module.train_log, config_hash=recipe.config_hash)
-        (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+        _write_weights(folder, module.state_dict(), module.config())
+        _write_log(folder, dict(module.train_log, config_hash=recipe.config_hash))
         return folder
     return train
 
@@ -217,8 +224,6 @@ def _load_finetune(folder, entry, root):
 def _train_finetune(recipe, folder, device="cpu", resume=True, progress=True):
     """Fine-tune the base on the recipe's classes with :func:`dmlab.finetuning.finetune` and store the update."""
     import torch
-    from safetensors.torch import save_file
-
     from ..data import load_digits
     from ..finetuning import adapter_state, finetune
     from .recipes import SCHEDULER_CONFIG
@@ -233,12 +238,7 @@ def _train_finetune(recipe, folder, device="cpu", resume=True, progress=True):
     res = finetune(base, method, x[keep], y[keep], training_alphas_cumprod(), steps=tc.steps, lr=tc.lr,
                    seed=tc.seed, batch_size=tc.batch_size, p_uncond=tc.p_uncond, **kw)
     state = adapter_state(method, base, res.model)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.is_file():
-            old.unlink()
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
+    _write_weights(folder, state, recipe.model)
     from diffusers import DDPMScheduler
 
     DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder)
@@ -252,7 +252,7 @@ def _train_finetune(recipe, folder, device="cpu", resume=True, progress=True):
     log = {"config_hash": recipe.config_hash, "steps": tc.steps, "train_seconds": round(res.seconds, 1),
            "device": str(device), "trainable": res.trainable, "loss": curve, "info": res.info,
            "stored_vs_trained_max_abs_output_gap": gap}
-    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+    _write_log(folder, log)
     return folder
 
 
@@ -299,17 +299,10 @@ def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=Tru
 
 def _save_toy_entry(recipe, folder, state, log, seconds):
     """Write a CPU toy entry (one state dict of every network, its model config and the training log)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.is_file():
-            old.unlink()
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
+    _write_weights(folder, state, recipe.model)
     log = dict(log, config_hash=recipe.config_hash, train_seconds=round(seconds, 1),
                steps=recipe.model["steps"], device="cpu")
-    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+    _write_log(folder, log)
     return folder
 
 
