@@ -336,6 +336,60 @@ KINDS["ring_students"] = Kind("ring_students", _load_ring_students, _train_ring_
                               _eval_ring_students)
 
 
+
+# ----------------------------------------------------------------------------------------------- chapter 28
+def _load_superres(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..superres import load_sr_models
+
+    log = json.loads((folder / "train_log.json").read_text())
+    return load_sr_models(load_file(str(folder / "model.safetensors")), log["configs"])
+
+
+def _train_superres(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from safetensors.torch import save_file
+
+    from ..superres import train_sr_models
+
+    t0 = time.time()
+    state, log = train_sr_models(recipe.model, recipe.model["seed"], progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if old.is_file():
+            old.unlink()
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1), device="cpu")
+    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+    return folder
+
+
+def _cost_superres(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    x = torch.zeros(1, 1, recipe.size, recipe.size)
+    first = next(iter(obj.values()))
+    with torch.no_grad():  # one call of the first saved model on one image
+        flops = count_flops(lambda: first(x, x, torch.ones(1)))
+    return {"params": sum(p.numel() for m in obj.values() for p in m.parameters()), "flops_per_call": int(flops)}
+
+
+def _eval_superres(name, root):
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    return {f"final_loss_{m}": v for m, v in log["final_loss"].items() if m != "teacher_x2"}
+
+
+KINDS["superres"] = Kind("superres", _load_superres, _train_superres, _cost_superres, _eval_superres)
+
+
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 
 
