@@ -9,16 +9,19 @@ attention with a degradation-removal module (PASD).
   :class:`PixelAwareCrossAttention`).
 * :func:`alpha_sigma`, :func:`sr_loss`, :func:`sample_sr` - the cosine VP schedule on ``t in [0, 1]``, the x0 loss,
   and DDIM (eta = 0) from pure noise at ``t = 1`` with any number of steps (one step returns ``f(x_1, lr, 1)``).
-* :func:`scale_distill_loss` - YONOS-SR's scale distillation (:cite:`noroozi2024yonos`): the x4 student regresses
+* :func:`scale_distill_loss` - YONOS-SR's scale distillation (:cite:`noroozi2024you`): the x4 student regresses
   onto the prediction of a frozen x2 teacher that sees the *easier* x2 observation of the same HR image at the same
   ``x_t`` (a target adapted to the noise level, and less uncertain than the ground truth), instead of the HR image.
-* :func:`prune_srnet`, :func:`compress_distill_loss` - AdcSR (:cite:`chen2025adcsr`): structured channel pruning
+* :func:`prune_srnet`, :func:`compress_distill_loss` - AdcSR (:cite:`chen2025adversarial`): structured channel pruning
   of a one-step SR model (keep the channels with the largest weight norms), then distillation from the uncompressed
   one-step model with an adversarial term (a small :class:`PatchDiscriminator` on the output's detail).
 * :func:`feature_distance` - a perceptual distance (squared distance of unit-normalised multi-scale features, the
   LPIPS form of Zhang et al. 2018) in a *fixed, randomly initialised* conv net: no trained perceptual network loads
   offline, so this is a stand-in that weighs edges and texture, not a calibrated LPIPS.
 * :func:`train_sr_models` - every model of the chapter for one training seed (the zoo's ``sr_s*`` recipes).
+* :class:`UpscalerX0`, :func:`load_upscaler`, :func:`upscale` - the full-scale path: Stable Diffusion's x4
+  upscaler (the base model of YONOS-SR) seen as the same ``f(x_t, lr, t) -> x0`` and sampled by :func:`sample_sr`
+  with one or many DDIM steps.
 
 All training goes through :func:`dmlab.train.fit`; every draw comes from an explicit ``torch.Generator``.
 Re-implementations from the papers' text (YONOS-SR has no public code; AdcSR's and PASD's official repositories,
@@ -37,7 +40,8 @@ from .train import FitConfig, fit
 
 __all__ = ["SRNet", "DegradationRemoval", "PixelAwareCrossAttention", "PatchDiscriminator", "alpha_sigma",
            "upsample", "sr_loss", "sample_sr", "scale_distill_loss", "prune_srnet", "compress_distill_loss",
-           "feature_distance", "train_sr_models", "load_sr_models", "SR_MODELS"]
+           "feature_distance", "train_sr_models", "load_sr_models", "SR_MODELS", "UpscalerX0", "load_upscaler",
+           "upscale"]
 
 SR_MODELS = ("teacher_x2", "direct", "yonos", "adcsr", "small", "plain", "pasd")
 
@@ -81,7 +85,7 @@ class _ResBlock(nn.Module):
 
 
 class DegradationRemoval(nn.Module):
-    """PASD's degradation-removal module (:cite:`yang2024pasd`, Sec. 3.2): a small conv encoder of the upsampled
+    """PASD's degradation-removal module (:cite:`yang2024pixelaware`, Sec. 3.2): a small conv encoder of the upsampled
     LR image that gives features at full and half resolution, each with a "clean image" head. Training pulls the
     heads towards the HR image (downsampled to that scale), so the features become insensitive to blur, noise and
     JPEG; they condition the SR network through :class:`PixelAwareCrossAttention`."""
@@ -102,7 +106,7 @@ class DegradationRemoval(nn.Module):
 
 
 class PixelAwareCrossAttention(nn.Module):
-    """PASD's pixel-aware cross attention (PACA, :cite:`yang2024pasd`, Eq. 2): every pixel of the denoiser's feature
+    """PASD's pixel-aware cross attention (PACA, :cite:`yang2024pixelaware`, Eq. 2): every pixel of the denoiser's feature
     map ``y`` (queries) attends to *all pixels* of the conditioning feature map ``c`` of the same resolution (keys
     and values), ``y + W_o softmax(q k^T / sqrt(d)) v``. Unlike ControlNet's addition, the condition keeps its full
     pixel grid as tokens instead of being summed into ``y``. ``W_o`` starts at zero, so a new PACA is the
@@ -161,6 +165,9 @@ class SRNet(nn.Module):
         self.up = nn.Conv2d(w2, w, 3, padding=1)
         self.rb4 = _ResBlock(w, emb, inner[3])
         self.outc = nn.Conv2d(w, 1, 3, padding=1)
+        if cond == "concat":  # an untrained concat model returns lr_up: training starts from bicubic
+            nn.init.zeros_(self.outc.weight)
+            nn.init.zeros_(self.outc.bias)
         if cond == "latent":
             self.lat = nn.Sequential(nn.Conv2d(1, w2, 3, stride=2, padding=1), nn.SiLU(), nn.Conv2d(w2, w2, 3, padding=1))
         if paca:
@@ -235,23 +242,28 @@ def scale_distill_loss(student: SRNet, teacher: SRNet, hr: Tensor, lr_up: Tensor
 
 @torch.no_grad()
 def sample_sr(model: SRNet, lr_up: Tensor, steps: int, *, noise: Tensor | None = None,
-              generator: torch.Generator | None = None) -> Tensor:
+              generator: torch.Generator | None = None, clip: float | None = 1.0) -> Tensor:
     """DDIM (eta = 0) with x0-prediction from ``x_1 = noise`` to ``t = 0`` in ``steps`` uniform steps in ``t``:
-    ``x_s = alpha_s x0_hat + sigma_s (x_t - alpha_t x0_hat) / sigma_t``. One step returns ``f(x_1, lr_up, 1)``.
-    Give ``noise`` (same shape as ``lr_up``) to pair methods on the same draw, or a ``generator``."""
+    ``x_s = alpha_s x0_hat + sigma_s (x_t - alpha_t x0_hat) / sigma_t``, ``x0_hat`` clamped to ``[-clip, clip]``
+    (``None``: not clamped, for latents). One step returns ``f(x_1, lr_up, 1)``.
+    Give ``noise`` (the shape of ``lr_up``; a latent model may have other channels) to pair methods on the same
+    draw, or a ``generator``. ``model`` is any ``f(x_t, lr_up, t) -> x0``: an :class:`SRNet` or, at full scale, an
+    :class:`UpscalerX0`."""
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"sample_sr: steps must be an int >= 1, got {steps!r}")
     if noise is None:
         if not isinstance(generator, torch.Generator):
             raise TypeError("sample_sr: give noise= (a tensor like lr_up) or generator= (a torch.Generator)")
         noise = torch.randn(lr_up.shape, generator=generator)
-    if noise.shape != lr_up.shape:
-        raise ValueError(f"sample_sr: noise {tuple(noise.shape)} must have the shape of lr_up {tuple(lr_up.shape)}")
+    if noise.shape[0] != lr_up.shape[0] or noise.shape[2:] != lr_up.shape[2:]:
+        raise ValueError(f"sample_sr: noise {tuple(noise.shape)} must match lr_up {tuple(lr_up.shape)} in batch and "
+                         "spatial size")
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     x = noise.to(lr_up.dtype)
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
-        x0 = model(x, lr_up, t.to(x.dtype)).clamp(-1.0, 1.0)
+        x0 = model(x, lr_up, t.to(x.dtype))
+        x0 = x0 if clip is None else x0.clamp(-clip, clip)
         if i == steps - 1:
             return x0
         (a_t, s_t), (a_s, s_s) = alpha_sigma(t), alpha_sigma(s)
@@ -463,3 +475,72 @@ def load_sr_models(state: dict, configs: dict) -> dict[str, SRNet]:
         m.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
         out[name] = m.eval()
     return out
+
+
+# ----------------------------------------------------------------------------------------------- full scale
+UPSCALER = "stabilityai/stable-diffusion-x4-upscaler"
+
+
+class UpscalerX0(nn.Module):
+    """A latent SR UNet with the interface of Stable Diffusion's x4 upscaler (input: the latent concatenated with
+    the noised LR image, ``class_labels`` = the LR noise level, text embeddings) as ``f(x_t, lr, t) -> x0`` on this
+    module's time ``t in [0, 1]``: ``t`` goes to the discrete timestep whose ``alpha_bar`` is nearest to
+    ``cos^2(pi t / 2)``, and the UNet's v- or eps-prediction is turned into x0 with that step's ``alpha_bar``.
+    (SD's schedule keeps a little signal at its last step, so ``t = 1`` is its last step: the usual one-step
+    approximation.)"""
+
+    def __init__(self, unet: nn.Module, scheduler, prompt_embeds: Tensor, noise_level: int = 20):
+        super().__init__()
+        self.unet, self.emb, self.noise_level = unet, prompt_embeds, int(noise_level)
+        self.register_buffer("alphas_cumprod", torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64))
+        self.prediction = scheduler.config.prediction_type
+        if self.prediction not in ("v_prediction", "epsilon"):
+            raise ValueError(f"UpscalerX0: prediction_type {self.prediction!r} is not supported (v or epsilon)")
+
+    def forward(self, x: Tensor, lr: Tensor, t) -> Tensor:
+        target = math.cos(0.5 * math.pi * float(t)) ** 2
+        k = int((self.alphas_cumprod - target).abs().argmin())
+        ab = self.alphas_cumprod[k]
+        a, s = float(ab.sqrt()), float((1 - ab).sqrt())
+        n = x.shape[0]
+        out = self.unet(torch.cat([x, lr.to(x.dtype)], 1), torch.full((n,), k, device=x.device),
+                        encoder_hidden_states=self.emb.expand(n, *self.emb.shape[1:]).to(x.dtype),
+                        class_labels=torch.full((n,), self.noise_level, device=x.device)).sample
+        return a * x - s * out if self.prediction == "v_prediction" else (x - s * out) / a
+
+
+def load_upscaler(*, device: str | None = None, dtype=None, require_gpu: bool = True):
+    """Stable Diffusion's x4 upscaler (``StableDiffusionUpscalePipeline``, the base model YONOS-SR distils) through
+    :func:`dmlab.hub.resolve` (a clear error offline or without a GPU)."""
+    from . import hub
+
+    device, local = hub.resolve(UPSCALER, family="sd", probe_file="model_index.json", device=device,
+                                require_gpu=require_gpu)
+    from diffusers import StableDiffusionUpscalePipeline
+
+    dt = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(UPSCALER, torch_dtype=dt, local_files_only=local)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+@torch.no_grad()
+def upscale(pipe, lr_rgb: Tensor, steps: int, *, generator: torch.Generator, prompt_embeds: Tensor | None = None,
+            noise_level: int = 20) -> Tensor:
+    """x4 SR of ``lr_rgb`` ``[N, 3, h, w]`` in ``[-1, 1]`` with the upscaler ``pipe`` (``unet``, ``vae``,
+    ``scheduler``, ``low_res_scheduler``; ``text_encoder``/``tokenizer`` when ``prompt_embeds`` is None: the empty
+    prompt) by :func:`sample_sr` with ``steps`` DDIM steps. ``generator`` draws the LR noise and then the initial
+    latent, so two calls with equal seeds share them. Returns ``[N, 3, 4h, 4w]`` in ``[-1, 1]`` (the VAE decodes x4
+    for the real upscaler)."""
+    p = next(pipe.unet.parameters())
+    if prompt_embeds is None:
+        ids = pipe.tokenizer([""], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             return_tensors="pt").input_ids
+        prompt_embeds = pipe.text_encoder(ids.to(p.device))[0]
+    lvl = torch.full((lr_rgb.shape[0],), int(noise_level), dtype=torch.long)
+    lr = pipe.low_res_scheduler.add_noise(lr_rgb.float(), torch.randn(lr_rgb.shape, generator=generator), lvl)
+    noise = torch.randn((lr.shape[0], pipe.vae.config.latent_channels, *lr.shape[-2:]), generator=generator)
+    f = UpscalerX0(pipe.unet, pipe.scheduler, prompt_embeds.to(p.device, p.dtype), noise_level).to(p.device)
+    lat = sample_sr(f, lr.to(p.device, p.dtype), steps, noise=noise.to(p.device, p.dtype), clip=None)
+    img = pipe.vae.decode(lat / pipe.vae.config.scaling_factor).sample
+    return img.float().clamp(-1.0, 1.0).cpu()

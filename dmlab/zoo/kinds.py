@@ -277,6 +277,18 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("finetune", _load_finetune, _train_finetune, _cost_finetune, _eval_adapter, denoiser=True, adapter=True),
 ]}
 # ----------------------------------------------------------------------------------------------- chapter 25
+def _write_weights(folder, state: dict, model_config: dict) -> None:
+    """Empty ``folder`` of files, then write ``model.safetensors`` and ``config.json`` (the recipe's model dict)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if old.is_file():
+            old.unlink()
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(model_config, indent=1, sort_keys=True) + "\n")
+
+
 def _load_ring_students(folder, entry, root):
     from safetensors.torch import load_file
 
@@ -290,18 +302,11 @@ def _load_ring_students(folder, entry, root):
 def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=True):
     import time
 
-    from safetensors.torch import save_file
-
     from ..distill.consistency import train_ring_students
 
     t0 = time.time()
     state, log = train_ring_students(recipe.model, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.is_file():
-            old.unlink()
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
+    _write_weights(folder, state, recipe.model)
     log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1),
                steps=recipe.model["steps"], device="cpu")
     (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
@@ -350,18 +355,11 @@ def _load_superres(folder, entry, root):
 def _train_superres(recipe, folder, device="cpu", resume=True, progress=True):
     import time
 
-    from safetensors.torch import save_file
-
     from ..superres import train_sr_models
 
     t0 = time.time()
     state, log = train_sr_models(recipe.model, recipe.model["seed"], progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.is_file():
-            old.unlink()
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
+    _write_weights(folder, state, recipe.model)
     log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1), device="cpu")
     (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
     return folder
