@@ -360,7 +360,11 @@ def _train_superres(recipe, folder, device="cpu", resume=True, progress=True):
     t0 = time.time()
     state, log = train_sr_models(recipe.model, recipe.model["seed"], progress=progress)
     _write_weights(folder, state, recipe.model)
-    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1), device="cpu")
+    m = recipe.model
+    steps = (2 * (m["steps_teacher"] + m["steps_student"] + m["steps_compress"]) if m["part"] == "sr"
+             else 2 * m["steps_pasd"])  # optimizer steps over all models of the entry
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1), device="cpu",
+               steps=steps)
     (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
     return folder
 
