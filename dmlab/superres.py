@@ -464,17 +464,18 @@ def train_sr_models(config: dict, seed: int, *, progress: bool = False) -> tuple
     return state, log
 
 
-def load_sr_models(state: dict, configs: dict) -> dict[str, SRNet]:
-    """The models of :func:`train_sr_models` from its state dict and ``log["configs"]`` (eval mode)."""
-    out = {}
+def load_sr_models(state: dict, configs: dict) -> nn.ModuleDict:
+    """The models of :func:`train_sr_models` from its state dict and ``log["configs"]``, as an ``nn.ModuleDict``
+    of :class:`SRNet` by name (eval mode)."""
+    out = nn.ModuleDict()
     for name, cfg in configs.items():
         cfg = dict(cfg)
         if cfg.get("inner") is not None:
             cfg["inner"] = tuple(cfg["inner"])
         m = SRNet(**cfg)
         m.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
-        out[name] = m.eval()
-    return out
+        out[name] = m
+    return out.eval()
 
 
 # ----------------------------------------------------------------------------------------------- full scale
