@@ -24,8 +24,8 @@ attention with a degradation-removal module (PASD).
   with one or many DDIM steps.
 
 All training goes through :func:`dmlab.train.fit`; every draw comes from an explicit ``torch.Generator``.
-Re-implementations from the papers' text (YONOS-SR has no public code; AdcSR's and PASD's official repositories,
-Guaishou74851/AdcSR and yangxy/PASD, were read for the module layout only).
+Re-implementations from the papers' text, scaled down to 32x32 grey patches (YONOS-SR has no public code; AdcSR's
+and PASD's official code bases are Guaishou74851/AdcSR and yangxy/PASD).
 """
 from __future__ import annotations
 
