@@ -8,6 +8,8 @@ Everything here works offline and on a CPU in well under a second:
   ``circle``, ``spiral``); :func:`toy_gmm8_params` gives the exact mixture behind ``gmm8``.
 * :func:`load_image`, :func:`image_patches` -- scikit-image's sample photos that ship *inside* the
   scikit-image wheel (no pooch download), as tensors in ``[-1, 1]``.
+* :func:`degrade`, :func:`sr_pairs`, :func:`jpeg_quantise` -- super-resolution pairs with ground truth: patches of
+  the photos, degraded by blur, downsampling, noise and JPEG quantisation (held-out photos for evaluation).
 * :func:`warp_pair` -- a random affine warp with exact ground-truth correspondences
   (:class:`AffineWarp`), for correspondence / feature-matching experiments.
 
@@ -34,6 +36,10 @@ __all__ = [
     "IMAGE_NAMES",
     "load_image",
     "image_patches",
+    "SR_SPLITS",
+    "degrade",
+    "jpeg_quantise",
+    "sr_pairs",
     "AffineWarp",
     "warp_pair",
 ]
@@ -391,6 +397,129 @@ def image_patches(
     cols = (left[:, None] + ar)[:, None, :]  # [n, 1, size]
     patches = img[:, rows, cols]  # [C, n, size, size]
     return patches.permute(1, 0, 2, 3).to(dtype).contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# super-resolution pairs: a realistic degradation pipeline with ground truth
+# --------------------------------------------------------------------------------------------------
+
+# Photos for training and held-out photos for evaluation (no photo is in both splits).
+SR_SPLITS = {"train": ("camera", "astronaut", "coffee", "chelsea", "brick", "grass"),
+             "test": ("coins", "moon", "gravel", "immunohistochemistry")}
+
+# The JPEG luminance quantisation table (ITU-T T.81, Annex K, Table K.1).
+_JPEG_Q = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+           14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+           49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+
+
+def _dct_matrix(n: int = 8) -> Tensor:
+    """The orthonormal DCT-II matrix ``D`` (``D @ x`` transforms the columns of ``x``), float64."""
+    k = torch.arange(n, dtype=torch.float64)
+    d = torch.cos(math.pi * (2 * k[None, :] + 1) * k[:, None] / (2 * n)) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d
+
+
+def jpeg_quantise(x: Tensor, quality: Tensor | float) -> Tensor:
+    """JPEG's lossy step on ``[N, C, H, W]`` images in ``[-1, 1]``: 8x8 block DCT, rounding by the standard
+    luminance table scaled for ``quality`` (1..100, the libjpeg/IJG scaling; a float or one value per image),
+    inverse DCT. Pure torch and float64 inside, so the result is the same on every machine (a real JPEG codec
+    also subsamples chroma and entropy-codes, which loses nothing more). ``H`` and ``W`` are padded by edge
+    replication to multiples of 8 and cropped back."""
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise TypeError("jpeg_quantise: x must be a tensor [N, C, H, W] in [-1, 1]")
+    n, c, h, w = x.shape
+    q = torch.as_tensor(quality, dtype=torch.float64).reshape(-1)
+    if q.numel() not in (1, n) or not bool(((q >= 1) & (q <= 100)).all()):
+        raise ValueError(f"jpeg_quantise: quality must lie in [1, 100], one value or one per image (N={n})")
+    scale = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
+    table = torch.tensor(_JPEG_Q, dtype=torch.float64).reshape(8, 8)
+    table = ((table[None] * scale[:, None, None] + 50.0) / 100.0).floor().clamp(1.0, 255.0)  # [N or 1, 8, 8]
+    ph, pw = (-h) % 8, (-w) % 8
+    y = F.pad(x.double(), (0, pw, 0, ph), mode="replicate") * 127.5  # JPEG works on levels centred at 0
+    blocks = y.unflatten(2, (-1, 8)).unflatten(4, (-1, 8)).transpose(3, 4)  # [N, C, h/8, w/8, 8, 8]
+    d = _dct_matrix(8)
+    coef = d @ blocks @ d.T
+    t = table[:, None, None, None]
+    blocks = d.T @ (torch.round(coef / t) * t) @ d
+    y = blocks.transpose(3, 4).reshape(y.shape)
+    return (y[..., :h, :w] / 127.5).clamp(-1.0, 1.0).to(x.dtype)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Separable Gaussian blur with one ``sigma`` (pixels) per image, reflect padding, float64 inside."""
+    r = max(1, int(math.ceil(3.0 * float(sigma.max()))))
+    k = torch.arange(-r, r + 1, dtype=torch.float64)
+    ker = torch.exp(-0.5 * (k[None] / sigma.double().clamp_min(1e-3)[:, None]) ** 2)
+    ker = ker / ker.sum(1, keepdim=True)  # [N, 2r+1]
+    n, c, h, w = x.shape
+    y = F.pad(x.double().reshape(1, n * c, h, w), (r, r, r, r), mode="reflect")
+    kc = ker.repeat_interleave(c, 0)
+    y = F.conv2d(y, kc[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, kc[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w).to(x.dtype)
+
+
+def _uniform(lo_hi, n: int, g: torch.Generator, name: str) -> Tensor:
+    lo, hi = (float(lo_hi), float(lo_hi)) if isinstance(lo_hi, (int, float)) else map(float, lo_hi)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+        raise ValueError(f"degrade: {name} must be a number >= 0 or a range (low, high) with 0 <= low <= high, "
+                         f"got {lo_hi!r}")
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64, device=g.device).cpu()
+
+
+def degrade(hr: Tensor, scale: int, *, generator: torch.Generator, blur=(0.2, 1.0), noise=(0.0, 0.04),
+            jpeg=(50.0, 95.0)) -> Tensor:
+    """A realistic low-resolution observation of each high-resolution image ``hr`` ``[N, C, H, W]`` in ``[-1, 1]``
+    (the classical "blur, downsample, noise, JPEG" chain of real-world SR training, in the spirit of BSRGAN and
+    Real-ESRGAN; Zhang et al. 2021, Wang et al. 2021):
+
+    1. Gaussian blur with ``sigma`` drawn uniformly from ``blur`` (pixels of the HR image);
+    2. downsampling by ``scale`` (box average over ``scale x scale`` blocks);
+    3. additive Gaussian noise with standard deviation drawn from ``noise`` (in units of the ``[-1, 1]`` range);
+    4. JPEG quantisation (:func:`jpeg_quantise`) at a quality drawn from ``jpeg`` (``None``: no JPEG step).
+
+    Every draw (per-image sigma, noise level, noise, quality, in that order) comes from ``generator``. Each range
+    may be a number (fixed) or a pair ``(low, high)``. Returns ``[N, C, H/scale, W/scale]`` clamped to ``[-1, 1]``.
+    """
+    if not isinstance(hr, Tensor) or hr.ndim != 4 or not hr.is_floating_point():
+        raise TypeError("degrade: hr must be a float tensor [N, C, H, W] in [-1, 1]")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"degrade: scale must be an int >= 1, got {scale!r}")
+    n, c, h, w = hr.shape
+    if h % scale or w % scale:
+        raise ValueError(f"degrade: the image size {h}x{w} must be divisible by scale {scale}; crop it first")
+    g = _check_generator(generator, "degrade")
+    sig = _uniform(blur, n, g, "blur")
+    std = _uniform(noise, n, g, "noise")
+    x = _gaussian_blur(hr, sig) if float(sig.max()) > 0 else hr
+    x = F.avg_pool2d(x.double(), scale) if scale > 1 else x.double()
+    eps = torch.randn(x.shape, generator=g, dtype=torch.float64, device=g.device).cpu()
+    x = (x + std[:, None, None, None] * eps).clamp(-1.0, 1.0)
+    if jpeg is not None:
+        x = jpeg_quantise(x, _uniform(jpeg, n, g, "jpeg").clamp(1, 100))
+    return x.clamp(-1.0, 1.0).to(hr.dtype)
+
+
+def sr_pairs(split: str, n: int, *, size: int = 32, scale: int = 4, generator: torch.Generator, gray: bool = True,
+             dtype: torch.dtype = torch.float32, **degradation) -> tuple[Tensor, Tensor]:
+    """``n`` super-resolution pairs ``(hr [n, C, size, size], lr [n, C, size/scale, size/scale])``.
+
+    HR patches are crops (:func:`image_patches`) of the photos of ``SR_SPLITS[split]`` (``"train"`` or ``"test"``:
+    held-out photos), as evenly as ``n`` allows over the photos; LR is :func:`degrade` of each patch
+    (``degradation`` goes to it: ``blur``, ``noise``, ``jpeg``). Everything is drawn from ``generator``."""
+    if split not in SR_SPLITS:
+        raise ValueError(f"sr_pairs: split must be one of {', '.join(SR_SPLITS)}, got {split!r}")
+    _check_count(n, "n", "sr_pairs", minimum=1)
+    _check_count(size, "size", "sr_pairs", minimum=1)
+    g = _check_generator(generator, "sr_pairs")
+    names = SR_SPLITS[split]
+    counts = [n // len(names) + (i < n % len(names)) for i in range(len(names))]
+    hr = torch.cat([image_patches(k, size=size, image=nm, generator=g, gray=gray, dtype=torch.float64)
+                    for nm, k in zip(names, counts) if k > 0])
+    lr = degrade(hr, scale, generator=g, **degradation)
+    return hr.to(dtype), lr.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------

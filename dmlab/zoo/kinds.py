@@ -385,6 +385,57 @@ def _eval_guided_students(name, root):
 KINDS["guided_students"] = Kind("guided_students", _load_guided_students, _train_guided_students,
                                 _cost_guided_students, _eval_guided_students)
 
+
+# ----------------------------------------------------------------------------------------------- chapter 28
+def _load_superres(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..superres import load_sr_models
+
+    log = json.loads((folder / "train_log.json").read_text())
+    return load_sr_models(load_file(str(folder / "model.safetensors")), log["configs"])
+
+
+def _train_superres(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..superres import train_sr_models
+
+    t0 = time.time()
+    state, log = train_sr_models(recipe.model, recipe.model["seed"], progress=progress)
+    _write_weights(folder, state, recipe.model)
+    m = recipe.model
+    steps = (2 * (m["steps_teacher"] + m["steps_student"] + m["steps_compress"]) if m["part"] == "sr"
+             else 2 * m["steps_pasd"])  # optimizer steps over all models of the entry
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1), device="cpu",
+               steps=steps)
+    _write_log(folder, log)
+    return folder
+
+
+def _cost_superres(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    x = torch.zeros(1, 1, recipe.size, recipe.size)
+    first = next(iter(obj.values()))
+    with torch.no_grad():  # one call of the first saved model on one image
+        flops = count_flops(lambda: first(x, x, torch.ones(1)))
+    return {"params": sum(p.numel() for m in obj.values() for p in m.parameters()), "flops_per_call": int(flops)}
+
+
+def _eval_superres(name, root):
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    return {f"final_loss_{m}": v for m, v in log["final_loss"].items() if m != "teacher_x2"}
+
+
+KINDS["superres"] = Kind("superres", _load_superres, _train_superres, _cost_superres, _eval_superres)
+
+
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 
 
