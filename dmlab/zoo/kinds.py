@@ -336,6 +336,63 @@ KINDS["ring_students"] = Kind("ring_students", _load_ring_students, _train_ring_
                               _eval_ring_students)
 
 
+# ----------------------------------------------------------------------------------------------- chapter 29
+def _load_dense(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..dense import load_dense_suite
+
+    return load_dense_suite(load_file(str(folder / "model.safetensors")),
+                            json.loads((folder / "config.json").read_text()))
+
+
+def _train_dense(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from safetensors.torch import save_file
+
+    from ..dense import train_dense_suite
+    from .registry import load_denoiser
+
+    t0 = time.time()
+    frozen = load_denoiser(recipe.model["frozen"]) if recipe.model.get("frozen") else None
+    state, log = train_dense_suite(recipe.model, frozen, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if old.is_file():
+            old.unlink()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
+    log = {"final_loss": log, "config_hash": recipe.config_hash, "train_seconds": round(time.time() - t0, 1),
+           "steps": recipe.model["steps"], "device": "cpu"}
+    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+    return folder
+
+
+def _cost_dense(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+    from ..dense import DenseNet
+
+    net = DenseNet(width=recipe.model["width"])
+    s = recipe.model["size"]
+    with torch.no_grad():
+        flops = count_flops(lambda: net(torch.zeros(1, 3, s, s), torch.zeros(1, 4, s, s), torch.zeros(1)))
+    return {"params": sum(p.numel() for m in obj.values() for p in m.parameters()), "flops_per_call": int(flops)}
+
+
+def _eval_dense(name, root):
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    return {f"final_loss_{m}": v for m, v in log["final_loss"].items()}
+
+
+KINDS["dense"] = Kind("dense", _load_dense, _train_dense, _cost_dense, _eval_dense)
+
+
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 
 

@@ -183,3 +183,14 @@ RECIPES["ring_students"] = Recipe(
      "sigma_min": 0.002, "n_pairs": 3000, "teacher_heun_steps": 40, "reflow_euler_steps": 20, "cd_n": 18,
      "eta": 0.5, "adversarial": 0.3},
     TrainConfig(steps=2000, batch_size=256, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=2)
+
+
+# chapter 29: dense prediction on rendered scenes (Lotus / Marigold-style / PrimeDepth), one entry per training seed
+for _s in range(3):
+    RECIPES[f"dense_s{_s}"] = Recipe(
+        f"dense_s{_s}", "dense", f"chapter 29's image-conditioned depth+normal nets on rendered 32x32 scenes, training "
+        f"seed {_s}: Marigold-style eps-prediction, one-step x0 (Lotus-D), x0 + detail preserver (Lotus), and a "
+        "PrimeDepth refiner on unet_l's frozen preimage; same data, steps, batch and width",
+        {"seed": _s, "n_train": 768, "data_seed": 290, "size": 32, "steps": 400, "batch": 16, "lr": 2e-3,
+         "width": 16, "frozen": "unet_l", "preimage_sigma": 0.1},
+        TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=32)
