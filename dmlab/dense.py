@@ -41,6 +41,7 @@ __all__ = [
     "preimage",
     "Refiner",
     "train_refiner",
+    "fit_intrinsics",
     "train_dense_suite",
     "load_dense_suite",
 ]
@@ -295,6 +296,40 @@ def train_refiner(images: Tensor, feats: Tensor, targets: Tensor, *, steps: int,
     cfg = FitConfig(steps=steps, lr=lr, schedule="cosine", warmup=min(50, steps // 10), desc="refiner")
     res = fit(lambda b: F.mse_loss(net(b[0], b[1]), b[2]), net, cfg, generator=generator, data=data)
     return net.eval(), res
+
+
+# ----------------------------------------------------------------------------------------------- DM-Calib (43)
+def fit_intrinsics(camera_image: Tensor, *, iters: int = 200, tol: float = 0.01,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """DM-Calib's read-out (Deng et al. 2025, paper 43): recover ``(fx, fy, cx, cy)`` per image ``[B, 4]`` from a
+    (predicted) camera image ``[B, 2, H, W]`` of incidence angles (:func:`dmlab.scenes.incidence_map`). Along x,
+    ``tan(theta_x) = (u + 0.5 - cx) / fx`` is a line in the pixel coordinate (likewise y); each line is fitted by
+    RANSAC (``iters`` random pixel pairs, inliers within ``tol`` in tan) then least squares on its inliers.
+    With ``generator=None`` a plain least-squares fit over all pixels is returned."""
+    if camera_image.ndim != 4 or camera_image.shape[1] != 2:
+        raise ValueError(f"camera_image must be [B, 2, H, W] incidence angles, got {tuple(camera_image.shape)}")
+    B, _, H, W = camera_image.shape
+    tan = torch.tan(camera_image.double())
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64) + 0.5, torch.arange(W, dtype=torch.float64) + 0.5,
+                          indexing="ij")
+    out = torch.zeros(B, 4, dtype=torch.float64)
+    for c, coord in ((0, u.reshape(-1)), (1, v.reshape(-1))):
+        y = tan[:, c].reshape(B, -1)
+        w = torch.ones_like(y)
+        if generator is not None:
+            i = torch.randint(len(coord), (iters, 2), generator=generator)
+            x1, x2 = coord[i[:, 0]], coord[i[:, 1]]
+            s = (y[:, i[:, 1]] - y[:, i[:, 0]]) / (x2 - x1).where(x2 != x1, torch.tensor(1e-9, dtype=torch.float64))
+            b = y[:, i[:, 0]] - s * x1
+            res = (y[:, None] - (s[..., None] * coord + b[..., None])).abs() < tol  # [B, iters, N]
+            best = res.sum(-1).argmax(1)
+            w = res[torch.arange(B), best].double()
+        n = w.sum(1)
+        mx, my = (w * coord).sum(1) / n, (w * y).sum(1) / n
+        slope = (w * (coord - mx[:, None]) * (y - my[:, None])).sum(1) / (w * (coord - mx[:, None]) ** 2).sum(1)
+        f = 1.0 / slope
+        out[:, c], out[:, 2 + c] = f, mx - my * f  # tan = (x - cx) / f  ->  cx = x - tan * f at the mean
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- the zoo entry

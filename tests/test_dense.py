@@ -92,3 +92,18 @@ def test_errors():
         dense.sample_eps(dense.DenseNet(width=8), torch.zeros(1, 3, 8, 8), 0, generator=torch.Generator())
     with pytest.raises(ValueError, match="depth \\+ normal"):
         dense.split_targets(torch.zeros(1, 3, 4, 4))
+
+
+def test_fit_intrinsics_recovers_K_exactly_and_robustly():
+    K = scenes.intrinsics(torch.tensor([25.0, 40.0]), torch.tensor([15.0, 17.5]), torch.tensor([16.5, 14.0]),
+                          fy=torch.tensor([26.0, 39.0]))
+    cam = scenes.incidence_map(K, 32)
+    want = torch.stack([K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]], 1)
+    torch.testing.assert_close(dense.fit_intrinsics(cam), want)
+    g = torch.Generator().manual_seed(0)
+    bad = cam.clone()
+    mask = torch.rand(2, 1, 32, 32, generator=g) < 0.2  # 20 % gross outliers
+    bad = torch.where(mask, torch.rand(bad.shape, generator=g) - 0.5, bad)
+    rough = dense.fit_intrinsics(bad)
+    robust = dense.fit_intrinsics(bad, generator=torch.Generator().manual_seed(1))
+    assert (robust - want).abs().max() < 0.01 and (rough - want).abs().max() > 1.0
