@@ -374,9 +374,10 @@ def train_dense_suite(cfg: dict, frozen=None, progress: bool = False) -> tuple[d
     return state, log
 
 
-def load_dense_suite(state: dict, cfg: dict) -> dict:
-    """``{method: DenseNet, "prime": Refiner}`` (eval mode) from a :func:`train_dense_suite` state dict."""
-    out = {}
+def load_dense_suite(state: dict, cfg: dict) -> nn.ModuleDict:
+    """``{method: DenseNet, "prime": Refiner}`` (an ``nn.ModuleDict``, eval mode) from a :func:`train_dense_suite`
+    state dict."""
+    out = nn.ModuleDict()
     for m in (*METHODS, "prime"):
         sd = {k[len(m) + 1:]: v for k, v in state.items() if k.startswith(m + ".")}
         if not sd:
@@ -384,5 +385,5 @@ def load_dense_suite(state: dict, cfg: dict) -> dict:
         net = DenseNet(width=cfg["width"]) if m != "prime" else Refiner(sd["reduce.weight"].shape[1],
                                                                           width=cfg["width"])
         net.load_state_dict(sd)
-        out[m] = net.eval()
-    return out
+        out[m] = net
+    return out.eval()
