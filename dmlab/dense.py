@@ -354,7 +354,8 @@ def preimage_of(images: Tensor, frozen: tuple, *, sigma: float) -> Tensor:
 
 def train_dense_suite(cfg: dict, frozen=None, progress: bool = False) -> tuple[dict, dict]:
     """Everything chapter 29 loads for one training seed ``cfg["seed"]``: the three :data:`METHODS` (same data,
-    steps, batch, width) and, when ``frozen`` (``dmlab.zoo.load_denoiser`` of a ``unet`` entry) is given, a PrimeDepth :class:`Refiner`
+    steps, batch, width) and, when ``frozen`` (``dmlab.zoo.load_denoiser`` of a ``unet`` entry) is given, a
+    PrimeDepth :class:`Refiner`
     on its preimage with the same budget. Returns ``(state_dict, log)`` with keys ``"<method>.<param>"``."""
     images, targets = _train_data(cfg)
     state, log = {}, {}

@@ -36,7 +36,8 @@ __all__ = [
     "align_depth",
 ]
 
-TEXTURE_NAMES = ("brick", "grass", "gravel", "camera", "coins", "astronaut", "coffee", "chelsea", "immunohistochemistry")
+TEXTURE_NAMES = ("brick", "grass", "gravel", "camera", "coins", "astronaut", "coffee", "chelsea",
+                 "immunohistochemistry")
 _EPS = 1e-6
 _FAR = 1e6
 
@@ -103,7 +104,8 @@ def pixel_rays(K: Tensor, size: int | tuple[int, int]) -> Tensor:
     """Camera-frame rays ``K^-1 (u + 0.5, v + 0.5, 1)`` with unit z, ``[B, H*W, 3]`` (row-major pixels), so a
     point at depth ``z`` along pixel ``p``'s ray is ``z * rays[:, p]``."""
     if not isinstance(K, Tensor) or K.ndim != 3 or K.shape[1:] != (3, 3):
-        raise ValueError(f"pixel_rays: K must be a [B, 3, 3] tensor (dmlab.scenes.intrinsics), got {getattr(K, 'shape', K)}")
+        raise ValueError("pixel_rays: K must be a [B, 3, 3] tensor (dmlab.scenes.intrinsics), got "
+                         f"{getattr(K, 'shape', K)}")
     h, w = (size, size) if isinstance(size, int) else size
     v, u = torch.meshgrid(torch.arange(h, dtype=K.dtype) + 0.5, torch.arange(w, dtype=K.dtype) + 0.5, indexing="ij")
     pix = torch.stack([u.reshape(-1), v.reshape(-1), torch.ones(h * w, dtype=K.dtype)], -1)
@@ -285,7 +287,8 @@ def render_scenes(n: int, *, generator: torch.Generator, size: int = 32, pair: b
     geo = _random_geometry(n, g, p_flat, textures.shape[0])
     u = torch.rand(n, 7, generator=g, dtype=torch.float64)
     f = (lo + (hi - lo) * u[:, 0]) * size
-    K = intrinsics(f, size / 2 + (2 * u[:, 1] - 1) * max_offset * size, size / 2 + (2 * u[:, 2] - 1) * max_offset * size)
+    off = (2 * u[:, 1:3] - 1) * max_offset * size
+    K = intrinsics(f, size / 2 + off[:, 0], size / 2 + off[:, 1])
     R1 = _rot(2, (2 * u[:, 4] - 1) * math.radians(5)) @ _rot(0, -(u[:, 3] * math.radians(15)))
     o1 = torch.zeros(n, 3, dtype=torch.float64)
     x1, _, n1, c1, flat1 = _render_view(geo, K, R1, o1, size, textures)
@@ -296,7 +299,8 @@ def render_scenes(n: int, *, generator: torch.Generator, size: int = 32, pair: b
     if pair:
         v = torch.rand(n, 6, generator=g, dtype=torch.float64) * 2 - 1
         o2 = o1 + 0.3 * v[:, :3] / math.sqrt(3)
-        dR = _rot(0, v[:, 3] * math.radians(4)) @ _rot(1, v[:, 4] * math.radians(4)) @ _rot(2, v[:, 5] * math.radians(2))
+        dR = (_rot(0, v[:, 3] * math.radians(4)) @ _rot(1, v[:, 4] * math.radians(4))
+              @ _rot(2, v[:, 5] * math.radians(2)))
         R2 = dR @ R1
         x2, _, n2, c2, _ = _render_view(geo, K, R2, o2, size, textures)
         _, z2 = project(x2, K, R2, o2)

@@ -44,7 +44,8 @@ def test_tilted_plane_depth_is_exact():
     v = torch.arange(16, dtype=torch.float64) + 0.5
     below = v > cy
     torch.testing.assert_close(z[below, 3], f / (v[below] - cy))
-    torch.testing.assert_close(n[below][:, 3], torch.tensor([0.0, -1.0, 0.0], dtype=torch.float64).expand(int(below.sum()), 3))
+    up = torch.tensor([0.0, -1.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(n[below][:, 3], up.expand(int(below.sum()), 3))
 
 
 def test_sphere_depth_and_normal_are_exact():

@@ -290,19 +290,24 @@ def _load_ring_students(folder, entry, root):
 def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=True):
     import time
 
-    from safetensors.torch import save_file
-
     from ..distill.consistency import train_ring_students
 
     t0 = time.time()
     state, log = train_ring_students(recipe.model, progress=progress)
+    return _save_state_entry(folder, state, recipe, log, time.time() - t0)
+
+
+def _save_state_entry(folder, state, recipe, log: dict, seconds: float):
+    """Write a one-file state entry: ``model.safetensors``, the recipe's model config and the training log."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.iterdir():
         if old.is_file():
             old.unlink()
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
-    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1),
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(seconds, 1),
                steps=recipe.model["steps"], device="cpu")
     (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
     return folder
@@ -349,24 +354,14 @@ def _load_dense(folder, entry, root):
 def _train_dense(recipe, folder, device="cpu", resume=True, progress=True):
     import time
 
-    from safetensors.torch import save_file
-
     from ..dense import train_dense_suite
     from .registry import load_denoiser
 
     t0 = time.time()
     frozen = load_denoiser(recipe.model["frozen"]) if recipe.model.get("frozen") else None
     state, log = train_dense_suite(recipe.model, frozen, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.is_file():
-            old.unlink()
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
-    log = {"final_loss": log, "config_hash": recipe.config_hash, "train_seconds": round(time.time() - t0, 1),
-           "steps": recipe.model["steps"], "device": "cpu"}
-    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
-    return folder
+    state = {k: v.contiguous() for k, v in state.items()}
+    return _save_state_entry(folder, state, recipe, {"final_loss": log}, time.time() - t0)
 
 
 def _cost_dense(obj, recipe) -> dict:
