@@ -670,3 +670,11 @@ def warp_pair(
     if image.ndim == 3:
         warped = warped[0]
     return image, warped, warp
+
+
+# --------------------------------------------------------------------------------------------------
+# procedural 3-D scenes with exact depth, normals, intrinsics and flow (implemented in dmlab.scenes)
+# --------------------------------------------------------------------------------------------------
+from .scenes import SceneBatch, align_depth, incidence_map, intrinsics, render_scenes  # noqa: E402
+
+__all__ += ["SceneBatch", "render_scenes", "intrinsics", "incidence_map", "align_depth"]

@@ -436,6 +436,53 @@ def _eval_superres(name, root):
 KINDS["superres"] = Kind("superres", _load_superres, _train_superres, _cost_superres, _eval_superres)
 
 
+# ----------------------------------------------------------------------------------------------- chapter 29
+def _load_dense(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..dense import load_dense_suite
+
+    return load_dense_suite(load_file(str(folder / "model.safetensors")),
+                            json.loads((folder / "config.json").read_text()))
+
+
+def _train_dense(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..dense import train_dense_suite
+    from .registry import load_denoiser
+
+    t0 = time.time()
+    frozen = load_denoiser(recipe.model["frozen"]) if recipe.model.get("frozen") else None
+    state, log = train_dense_suite(recipe.model, frozen, progress=progress)
+    state = {k: v.contiguous() for k, v in state.items()}
+    return _save_toy_entry(recipe, folder, state, {"final_loss": log}, time.time() - t0)
+
+
+def _cost_dense(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+    from ..dense import DenseNet
+
+    net = DenseNet(width=recipe.model["width"])
+    s = recipe.model["size"]
+    with torch.no_grad():
+        flops = count_flops(lambda: net(torch.zeros(1, 3, s, s), torch.zeros(1, 4, s, s), torch.zeros(1)))
+    return {"params": sum(p.numel() for m in obj.values() for p in m.parameters()), "flops_per_call": int(flops)}
+
+
+def _eval_dense(name, root):
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    return {f"final_loss_{m}": v for m, v in log["final_loss"].items()}
+
+
+KINDS["dense"] = Kind("dense", _load_dense, _train_dense, _cost_dense, _eval_dense)
+
+
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 
 
