@@ -9,9 +9,12 @@ branches spread over the zoo's files):
 * ``exit_heads`` - DeeDiff exit heads and uncertainty modules for a zoo DiT (paper 53);
 * ``linear_attention`` - LinFusion linear-attention modules distilled into a zoo DiT (paper 2);
 * ``finetune`` - a zoo model fine-tuned by full fine-tuning, LoRA, DiffFit or SaRA, stored as the update on top of
-  its base (:mod:`dmlab.finetuning`, chapter 23).
+  its base (:mod:`dmlab.finetuning`, chapter 23);
+* ``ring_students`` - chapter 25's few-step students of the 8-Gaussian ring;
+* ``kd_student`` - a zoo DiT with blocks removed, distilled from it (:mod:`dmlab.distill.architecture`, chapter 27);
+* ``maskgit`` - a patch VQ and a masked-token transformer (:mod:`dmlab.masked_tokens`, chapter 27).
 
-Adapters (the last two) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
+Adapters (exit heads, linear attention, finetune, kd_student) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
 fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
 """
 from __future__ import annotations
@@ -491,3 +494,102 @@ def kind_of(kind: str) -> Kind:
     if kind not in KINDS:
         raise ValueError(f"unknown zoo kind {kind!r}; known: {', '.join(KINDS)}")
     return KINDS[kind]
+
+
+# ----------------------------------------------------------------------------------------------- chapter 27
+def _save_half(module, folder, config: dict, log: dict) -> None:
+    """Weights in float16 (half the bytes; loaded back as float32), the config and the training log."""
+    _write_weights(folder, {k: v.detach().half() for k, v in module.state_dict().items()}, config)
+    _write_log(folder, log)
+
+
+def _load_half(module, folder):
+    from safetensors.torch import load_file
+
+    module.load_state_dict({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()})
+    return module.eval()
+
+
+def _load_kd_student(folder, entry, root):
+    """dit_s with blocks removed (:func:`dmlab.distill.architecture.remove_blocks`) and the stored weights."""
+    from ..distill.architecture import remove_blocks
+    from .registry import load
+
+    cfg = json.loads((folder / "config.json").read_text())
+    model = _load_half(remove_blocks(load(entry["base"], root=root), cfg["keep"]), folder)
+    model.info = entry
+    return model
+
+
+def _train_kd_student(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    import torch
+    from diffusers import DDPMScheduler
+
+    from ..data import load_digits
+    from ..distill.architecture import distill_student
+    from .recipes import SCHEDULER_CONFIG
+    from .registry import load
+    from .train import training_alphas_cumprod
+
+    x, y = load_digits("train", size=recipe.size)
+    tc, m = recipe.train, recipe.model
+    cpu0 = time.process_time()
+    student, log = distill_student(load(recipe.extra["base"]), m["keep"], m["site"], x, y, training_alphas_cumprod(),
+                                   steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr, seed=tc.seed,
+                                   p_uncond=tc.p_uncond, w_out=m["w_out"], w_feat=m["w_feat"])
+    log.update(config_hash=recipe.config_hash, device=str(device), threads=torch.get_num_threads(),
+               cpu_seconds=round(time.process_time() - cpu0, 1))
+    _save_half(student, folder, recipe.model, log)
+    DDPMScheduler(**SCHEDULER_CONFIG).save_pretrained(folder)
+    return folder
+
+
+def _load_maskgit(folder, entry, root):
+    import torch
+
+    from ..masked_tokens import MaskedTokenTransformer, PatchVQ, TokenGenerator
+
+    cfg = json.loads((folder / "config.json").read_text())
+    size = cfg.get("size", 8)
+    vq = PatchVQ(torch.zeros(cfg["vocab"], cfg["patch"] ** 2), cfg["patch"], size)
+    tf = MaskedTokenTransformer(cfg["vocab"], vq.n_tokens, width=cfg["width"], depth=cfg["depth"], heads=cfg["heads"])
+    gen = _load_half(TokenGenerator(vq, tf), folder)
+    gen.info = entry
+    return gen
+
+
+def _train_maskgit(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    import torch
+    from ..data import load_digits
+    from ..masked_tokens import fit_token_generator
+
+    x, y = load_digits("train", size=recipe.size)
+    tc = recipe.train
+    cpu0 = time.process_time()
+    gen, log = fit_token_generator(x, y, recipe.model, steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr,
+                                   seed=tc.seed, p_uncond=tc.p_uncond, warmup=tc.warmup, ema=tc.ema)
+    log.update(config_hash=recipe.config_hash, device=str(device), threads=torch.get_num_threads(),
+               cpu_seconds=round(time.process_time() - cpu0, 1))
+    _save_half(gen, folder, dict(recipe.model, size=recipe.size), log)
+    return folder
+
+
+def _cost_maskgit(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    tok = torch.zeros(1, obj.model.n_tokens, dtype=torch.long)
+    with torch.no_grad():  # one transformer call (one decoding step) for one image
+        flops = count_flops(lambda: obj.model(tok, torch.zeros(1, dtype=torch.long)))
+    return {"params": sum(p.numel() for p in obj.model.parameters()), "flops_per_call": int(flops)}
+
+
+KINDS["kd_student"] = Kind("kd_student", _load_kd_student, _train_kd_student, _cost_network, _eval_adapter,
+                           denoiser=True, adapter=True)
+KINDS["maskgit"] = Kind("maskgit", _load_maskgit, _train_maskgit, _cost_maskgit, _eval_adapter)
+ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)

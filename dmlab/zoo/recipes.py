@@ -221,3 +221,26 @@ for _s in range(3):
         {"seed": _s, "n_train": 768, "data_seed": 290, "size": 32, "steps": 400, "batch": 16, "lr": 2e-3,
          "width": 16, "frozen": "unet_l", "preimage_sigma": 0.1},
         TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=32)
+# Chapter 27 (architecture distillation, KOALA): dit_s with its two middle blocks removed, distilled from dit_s with
+# output-only KD or output + feature KD at one site (self-attention, feed-forward or whole-block outputs); the same
+# batches per seed for every site, three training seeds each (kind "kd_student").
+KD_KEEP, KD_SITES, KD_STEPS, KD_BATCH = [0, 3], ("out", "attn", "ff", "block"), 300, 64
+for _site in KD_SITES:
+    for _s in range(3):
+        RECIPES[f"koala_{_site}_s{_s}"] = Recipe(
+            f"koala_{_site}_s{_s}", "kd_student",
+            f"dit_s without blocks 1-2, distilled with {_site} KD (seed {_s}, chapter 27)",
+            {"site": _site, "keep": list(KD_KEEP), "w_out": 1.0, "w_feat": 1.0},
+            TrainConfig(steps=KD_STEPS, batch_size=KD_BATCH, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.1, seed=_s,
+                        checkpoint_every=10 ** 6),
+            extra={"base": "dit_s"})
+
+# Chapter 27 (Meissonic / MaskGIT): a masked-token transformer over a k-means patch VQ of the digits, dit_s's width
+# and depth, three training seeds (kind "maskgit").
+MASKGIT_MODEL = {"vocab": 128, "patch": 2, "kmeans_seed": 0, "kmeans_iters": 25, "width": 64, "depth": 4,
+                 "heads": 4}
+for _s in range(3):
+    RECIPES[f"maskgit_s{_s}"] = Recipe(
+        f"maskgit_s{_s}", "maskgit", f"masked generative transformer on patch-VQ digit tokens (seed {_s}, chapter 27)",
+        dict(MASKGIT_MODEL), TrainConfig(steps=800, batch_size=128, lr=2e-3, warmup=50, ema=0.99, p_uncond=0.1,
+                                         seed=_s, checkpoint_every=10 ** 6))
