@@ -453,6 +453,8 @@ def fit(loss: Callable[[Any], Tensor], model: nn.Module | None, config: FitConfi
         ema_skip: state-dict keys copied instead of averaged by the EMA.
 
     Returns a :class:`FitResult`. The model is left in eval mode (with the EMA weights when ``config.ema``).
+    Every random draw of the run goes through ``generator``: diffusers' built-in class-label dropout (DiT's
+    ``LabelEmbedding``, which would draw from the global RNG) is switched off while training.
     """
     if not isinstance(config, FitConfig):
         raise TypeError(f"config must be a dmlab.train.FitConfig, got {type(config).__name__}")
@@ -511,6 +513,12 @@ def fit(loss: Callable[[Any], Tensor], model: nn.Module | None, config: FitConfi
                         disable=not config.progress or rank != 0)
     if model is not None:
         model.train()
+    # diffusers' LabelEmbedding (DiT) drops class labels in train mode with the *global* RNG: off during the run
+    # (classifier-free label dropout comes from the batches, drawn with the run's generator)
+    label_drop = [(m, m.dropout_prob) for m in (model.modules() if model is not None else ())
+                  if type(m).__name__ == "LabelEmbedding" and getattr(m, "dropout_prob", 0) > 0]
+    for m, _ in label_drop:
+        m.dropout_prob = 0.0
     t0 = time.perf_counter()
     try:
         while step < end:
@@ -551,6 +559,8 @@ def fit(loss: Callable[[Any], Tensor], model: nn.Module | None, config: FitConfi
                                                   "seconds": elapsed + time.perf_counter() - t0})
     finally:
         bar.close()
+        for m, p in label_drop:
+            m.dropout_prob = p
         if model is not None:
             model.eval()
     elapsed += time.perf_counter() - t0

@@ -35,6 +35,31 @@ def test_fit_is_deterministic_and_learns():
     assert r1.losses[-1] < 0.5 * r1.losses[0]
 
 
+def test_dit_label_dropout_does_not_draw_from_the_global_rng():
+    """diffusers' DiT drops class labels in train mode with torch's global RNG; fit switches that off (labels are
+    dropped by the batches, with the run's generator), so the weights do not depend on the global seed."""
+    from diffusers import DiTTransformer2DModel
+
+    def run(global_seed):
+        torch.manual_seed(0)
+        net = DiTTransformer2DModel(in_channels=1, out_channels=1, sample_size=4, patch_size=2, num_layers=1,
+                                    num_attention_heads=2, attention_head_dim=4, num_embeds_ada_norm=3)
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(16, 1, 4, 4, generator=gen), torch.arange(16) % 3
+
+        def loss(g):
+            return net(x, timestep=torch.full((16,), 10), class_labels=y).sample.square().mean()
+
+        torch.manual_seed(global_seed)
+        fit(loss, net, FitConfig(steps=3, lr=1e-2, progress=False), generator=gen)
+        return net
+
+    a, b = run(1), run(2)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    emb = [m for m in a.modules() if type(m).__name__ == "LabelEmbedding"]
+    assert emb and all(m.dropout_prob > 0 for m in emb)  # restored after the run
+
+
 def test_progress_in_a_chapter_run_is_one_finished_line(monkeypatch, capsys):
     monkeypatch.setenv("DMLAB_CI", "1")
     _, r = _linear_run(progress=True, desc="linear")
