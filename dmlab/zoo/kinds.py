@@ -344,3 +344,64 @@ def kind_of(kind: str) -> Kind:
     if kind not in KINDS:
         raise ValueError(f"unknown zoo kind {kind!r}; known: {', '.join(KINDS)}")
     return KINDS[kind]
+
+
+# ----------------------------------------------------------------------------------------------- chapter 32
+def _load_beyond(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..beyond import load_entry
+
+    return load_entry(load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text()))
+
+
+def _train_beyond(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from safetensors.torch import save_file
+
+    from ..beyond import train_entry
+
+    t0 = time.process_time()
+    state, log = train_entry(recipe.model, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.iterdir():
+        if old.is_file():
+            old.unlink()
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.process_time() - t0, 1),
+               steps=recipe.train.steps, device="cpu")
+    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
+    return folder
+
+
+def _cost_beyond(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    models = [m for v in obj.values() for m in (v if isinstance(v, list) else [x for l in v.values() for x in l])]
+    one = models[0]
+    with torch.no_grad():
+        if recipe.model["task"] == "tsdiff":
+            flops = count_flops(lambda: one(torch.zeros(1, recipe.model["length"]), torch.zeros(1, dtype=torch.long)))
+        else:
+            z = torch.zeros(1, 32)
+            flops = count_flops(lambda: one(z, z, torch.zeros(1)))
+    return {"params": sum(p.numel() for m in models for p in m.parameters()), "flops_per_call": int(flops)}
+
+
+def _eval_beyond(name, root):
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    groups: dict = {}
+    for k, v in log["final_loss"].items():
+        groups.setdefault(k.rsplit(".s", 1)[0], []).append(v)
+    return {f"final_loss_{k}": round(sum(v) / len(v), 6) for k, v in groups.items()}
+
+
+# time series (TSDiff, paper 49) and PDE operators (Poseidon, paper 80): several small models per entry
+KINDS["beyond"] = Kind("beyond", _load_beyond, _train_beyond, _cost_beyond, _eval_beyond)
