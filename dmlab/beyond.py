@@ -34,7 +34,7 @@ from torch import Tensor, nn
 __all__ = ["series_alphas_cumprod", "SeriesDenoiser", "train_series_model", "forecast", "refine", "crps",
            "seasonal_naive", "PDE_FAMILIES", "pde_trajectories", "TimeConditionedOperator", "all2all_pairs",
            "train_operator", "operator_error", "inject_anomalies", "reconstruction_scores",
-           "nearest_neighbour_scores", "auroc", "RolledDenoiser", "rolled", "tile_mosaic", "train_entry", "load_entry"]
+           "nearest_neighbour_scores", "auroc", "RolledDenoiser", "rolled", "tile_mosaic", "train_entry", "load_entry", "EntryModels"]
 
 
 def _gen(generator, fn: str) -> torch.Generator:
@@ -533,7 +533,21 @@ def train_entry(config: dict, *, progress: bool = False) -> tuple[dict, dict]:
     raise ValueError(f"train_entry: config['task'] must be 'tsdiff' or 'poseidon', got {task!r}")
 
 
-def load_entry(state: dict, config: dict) -> dict:
+class EntryModels(dict):
+    """The models of a chapter-32 zoo entry by role (a dict); ``to(device)`` moves every model."""
+
+    def _modules(self):
+        for v in self.values():
+            for x in (v if isinstance(v, list) else [m for ms in v.values() for m in ms]):
+                yield x
+
+    def to(self, device) -> "EntryModels":
+        for m in self._modules():
+            m.to(device)
+        return self
+
+
+def load_entry(state: dict, config: dict) -> EntryModels:
     """The models of a chapter-32 zoo entry (:func:`train_entry`), in eval mode. ``tsdiff``:
     ``{"unconditional": [per seed], "conditional": [...]}``; ``poseidon``: ``{"pretrained": [per seed],
     "finetuned": {n: [per seed]}, "scratch": {n: [per seed]}}``."""
@@ -544,10 +558,11 @@ def load_entry(state: dict, config: dict) -> dict:
 
     seeds = config["seeds"]
     if config.get("task") == "tsdiff":
-        return {k: [build(SeriesDenoiser, f"{k}.s{s}") for s in seeds] for k in ("unconditional", "conditional")}
+        return EntryModels({k: [build(SeriesDenoiser, f"{k}.s{s}") for s in seeds]
+                            for k in ("unconditional", "conditional")})
     if config.get("task") == "poseidon":
         op = TimeConditionedOperator
-        return {"pretrained": [build(op, f"pretrained.s{s}") for s in seeds],
-                **{k: {n: [build(op, f"{k}.n{n}.s{s}") for s in seeds] for n in config["finetune_n"]}
-                   for k in ("finetuned", "scratch")}}
+        return EntryModels({"pretrained": [build(op, f"pretrained.s{s}") for s in seeds],
+                            **{k: {n: [build(op, f"{k}.n{n}.s{s}") for s in seeds] for n in config["finetune_n"]}
+                               for k in ("finetuned", "scratch")}})
     raise ValueError(f"load_entry: config['task'] must be 'tsdiff' or 'poseidon', got {config.get('task')!r}")
