@@ -290,20 +290,25 @@ def _load_ring_students(folder, entry, root):
 def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=True):
     import time
 
-    from safetensors.torch import save_file
-
     from ..distill.consistency import train_ring_students
 
     t0 = time.time()
     state, log = train_ring_students(recipe.model, progress=progress)
+    return _save_state_entry(recipe, folder, state, log, time.time() - t0, recipe.model["steps"])
+
+
+def _save_state_entry(recipe, folder, state, log, seconds, steps):
+    """Write a multi-model entry: ``model.safetensors`` (one flat state dict), ``config.json`` (the recipe's
+    model config) and ``train_log.json`` (the log plus the config hash, seconds and steps)."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.iterdir():
         if old.is_file():
             old.unlink()
     save_file(state, str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
-    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.time() - t0, 1),
-               steps=recipe.model["steps"], device="cpu")
+    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(seconds, 1), steps=steps, device="cpu")
     (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
     return folder
 
@@ -358,22 +363,11 @@ def _load_beyond(folder, entry, root):
 def _train_beyond(recipe, folder, device="cpu", resume=True, progress=True):
     import time
 
-    from safetensors.torch import save_file
-
     from ..beyond import train_entry
 
-    t0 = time.process_time()
+    t0 = time.process_time()  # CPU seconds: the wall clock of a shared machine says little
     state, log = train_entry(recipe.model, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.is_file():
-            old.unlink()
-    save_file(state, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(recipe.model, indent=1, sort_keys=True) + "\n")
-    log = dict(log, config_hash=recipe.config_hash, train_seconds=round(time.process_time() - t0, 1),
-               steps=recipe.train.steps, device="cpu")
-    (folder / "train_log.json").write_text(json.dumps(log, sort_keys=True) + "\n")
-    return folder
+    return _save_state_entry(recipe, folder, state, log, time.process_time() - t0, recipe.train.steps)
 
 
 def _cost_beyond(obj, recipe) -> dict:
