@@ -673,6 +673,50 @@ def warp_pair(
 
 
 # --------------------------------------------------------------------------------------------------
+# synthetic seasonal time series (chapter 32, TSDiff's toy benchmark)
+# --------------------------------------------------------------------------------------------------
+
+
+def seasonal_series(
+    n: int,
+    *,
+    length: int = 48,
+    period: int = 12,
+    noise: float = 0.1,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``n`` synthetic seasonal series ``[n, length]``: level + linear trend + two harmonics of ``period`` + noise.
+
+    Each series draws (from ``generator``, in this order) a level ``~ N(0, 0.5^2)``, a trend slope
+    ``~ U(-1, 1)`` over the whole window, amplitudes ``a1 ~ U(0.5, 1.5)``, ``a2 ~ U(0, 0.5)``, phases
+    ``~ U(0, 2 pi)`` and i.i.d. Gaussian noise of standard deviation ``noise``:
+    ``x_t = level + slope t / length + a1 sin(2 pi t / period + p1) + a2 sin(4 pi t / period + p2) + noise eps_t``.
+    The seasonal-naive forecast (repeat the last period) is the natural trivial competitor on these series.
+    """
+    fn = "seasonal_series"
+    g = _check_generator(generator, fn)
+    _check_count(n, "n", fn, minimum=1)
+    _check_count(length, "length", fn, minimum=2)
+    _check_count(period, "period", fn, minimum=2)
+    dt = _check_float_dtype(dtype, fn)
+    if not (isinstance(noise, (int, float)) and noise >= 0):
+        raise ValueError(f"{fn}: noise must be a number >= 0, got {noise!r}")
+    u = torch.rand(n, 6, generator=g, dtype=torch.float64)
+    level = torch.randn(n, 1, generator=g, dtype=torch.float64) * 0.5
+    slope, a1, a2 = (2 * u[:, :1] - 1), 0.5 + u[:, 1:2], 0.5 * u[:, 2:3]
+    p1, p2 = 2 * math.pi * u[:, 3:4], 2 * math.pi * u[:, 4:5]
+    t = torch.arange(length, dtype=torch.float64)[None]
+    w = 2 * math.pi * t / period
+    x = level + slope * t / length + a1 * torch.sin(w + p1) + a2 * torch.sin(2 * w + p2)
+    x = x + noise * torch.randn(n, length, generator=g, dtype=torch.float64)
+    return x.to(dt)
+
+
+__all__.append("seasonal_series")
+
+
+# --------------------------------------------------------------------------------------------------
 # procedural 3-D scenes with exact depth, normals, intrinsics and flow (implemented in dmlab.scenes)
 # --------------------------------------------------------------------------------------------------
 from .scenes import SceneBatch, align_depth, incidence_map, intrinsics, render_scenes  # noqa: E402

@@ -300,11 +300,12 @@ def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=Tru
     return _save_toy_entry(recipe, folder, state, log, time.time() - t0)
 
 
-def _save_toy_entry(recipe, folder, state, log, seconds):
-    """Write a CPU toy entry (one state dict of every network, its model config and the training log)."""
+def _save_toy_entry(recipe, folder, state, log, seconds, steps=None):
+    """Write a CPU toy entry (one state dict of every network, its model config and the training log; ``steps``
+    defaults to the recipe's ``model["steps"]``)."""
     _write_weights(folder, state, recipe.model)
     log = dict(log, config_hash=recipe.config_hash, train_seconds=round(seconds, 1),
-               steps=recipe.model["steps"], device="cpu")
+               steps=recipe.model["steps"] if steps is None else steps, device="cpu")
     _write_log(folder, log)
     return folder
 
@@ -593,3 +594,53 @@ KINDS["kd_student"] = Kind("kd_student", _load_kd_student, _train_kd_student, _c
                            denoiser=True, adapter=True)
 KINDS["maskgit"] = Kind("maskgit", _load_maskgit, _train_maskgit, _cost_maskgit, _eval_adapter)
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
+
+
+# ----------------------------------------------------------------------------------------------- chapter 32
+def _load_beyond(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..beyond import load_entry
+
+    return load_entry(load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text()))
+
+
+def _train_beyond(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..beyond import train_entry
+
+    t0 = time.process_time()  # CPU seconds: the wall clock of a shared machine says little
+    state, log = train_entry(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.process_time() - t0, recipe.train.steps)
+
+
+def _cost_beyond(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    models = [m for v in obj.values() for m in (v if isinstance(v, list) else [x for l in v.values() for x in l])]
+    one = models[0]
+    with torch.no_grad():
+        if recipe.model["task"] == "tsdiff":
+            flops = count_flops(lambda: one(torch.zeros(1, recipe.model["length"]), torch.zeros(1, dtype=torch.long)))
+        else:
+            z = torch.zeros(1, 32)
+            flops = count_flops(lambda: one(z, z, torch.zeros(1)))
+    return {"params": sum(p.numel() for m in models for p in m.parameters()), "flops_per_call": int(flops)}
+
+
+def _eval_beyond(name, root):
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    groups: dict = {}
+    for k, v in log["final_loss"].items():
+        groups.setdefault(k.rsplit(".s", 1)[0], []).append(v)
+    return {f"final_loss_{k}": round(sum(v) / len(v), 6) for k, v in groups.items()}
+
+
+# time series (TSDiff, paper 49) and PDE operators (Poseidon, paper 80): several small models per entry
+KINDS["beyond"] = Kind("beyond", _load_beyond, _train_beyond, _cost_beyond, _eval_beyond)

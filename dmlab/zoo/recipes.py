@@ -244,3 +244,20 @@ for _s in range(3):
         f"maskgit_s{_s}", "maskgit", f"masked generative transformer on patch-VQ digit tokens (seed {_s}, chapter 27)",
         dict(MASKGIT_MODEL), TrainConfig(steps=800, batch_size=128, lr=2e-3, warmup=50, ema=0.99, p_uncond=0.1,
                                          seed=_s, checkpoint_every=10 ** 6))
+# Chapter 32: TSDiff's unconditional series model and the conditional competitor at the same budget (3 seeds each),
+# and the Poseidon-style operators: pretrained on four PDE families, then fine-tuned to Allen-Cahn or trained from
+# scratch on 2, 8, 32 trajectories at the same steps (3 seeds each). Kind "beyond" (dmlab.beyond.train_entry).
+RECIPES["tsdiff_seasonal"] = Recipe(
+    "tsdiff_seasonal", "beyond", "chapter 32: TSDiff unconditional 1-D diffusion models of synthetic seasonal series "
+    "and conditional forecasters trained at the same budget (3 seeds each)",
+    {"task": "tsdiff", "seeds": [0, 1, 2], "steps": 2000, "batch": 64, "lr": 2e-3, "hidden": 24, "n_train": 2000,
+     "length": 48, "horizon": 12, "data_seed": 1000},
+    TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup=50, ema=0.99, p_uncond=0.0), size=2)
+RECIPES["poseidon_1d"] = Recipe(
+    "poseidon_1d", "beyond", "chapter 32: time-conditioned 1-D operators pretrained with all2all pairs on heat, "
+    "advection, wave and Burgers, fine-tuned to Allen-Cahn vs trained from scratch (3 seeds each)",
+    {"task": "poseidon", "seeds": [0, 1, 2], "pretrain_families": ["heat", "advection", "wave", "burgers"],
+     "n_per_family": 64, "data_seed": 300, "pretrain_steps": 1500, "batch": 64, "lr": 2e-3, "hidden": 16,
+     "finetune_family": "allen_cahn", "finetune_n": [2, 8, 32], "finetune_data_seed": 500, "finetune_steps": 300,
+     "finetune_batch": 32, "finetune_lr": 1e-3},
+    TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup=50, ema=0.0, p_uncond=0.0), size=2)
