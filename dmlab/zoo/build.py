@@ -63,7 +63,9 @@ def register(name: str, *, root: pathlib.Path | None = None, measure: bool = Tru
     obj = _load_unverified(name, root)
     entry.update(kind.cost(obj, recipe))
     entry["metrics"] = kind.evaluate(name, root) if measure else old.get("metrics", {})
-    if cpu_cost and not kind.adapter:
+    # CPU cost per step is measured for the networks dmlab.zoo.train trains and for the latent pipeline; the
+    # chapters' small multi-model entries record their own training time in train_log.json
+    if cpu_cost and not kind.adapter and (kind.single_network or recipe.kind == "sd"):
         entry.update(evaluate.cpu_seconds_per_step(recipe))
     else:
         entry.update({k: old[k] for k in ("cpu_seconds_per_step", "cpu_minutes_estimate") if k in old})

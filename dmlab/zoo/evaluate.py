@@ -127,13 +127,16 @@ def cpu_seconds_per_step(recipe, *, steps: int = 10) -> dict:
     import tempfile
     import time
 
+    from .kinds import kind_of
+
+    if not (kind_of(recipe.kind).single_network or recipe.kind == "sd"):
+        raise ValueError(f"cpu_seconds_per_step measures single networks and the latent pipeline, not kind "
+                         f"{recipe.kind!r} ({recipe.name}): its train_log.json records its training time")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory() as d:
             d = pathlib.Path(d)
-            from .kinds import kind_of
-
             if not kind_of(recipe.kind).single_network:
                 from .latent import train_pipeline
 

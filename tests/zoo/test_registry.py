@@ -264,3 +264,17 @@ def test_a_missing_registry_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("DMLAB_DATA", str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="no zoo registry at .*nowhere.*DMLAB_DATA"):
         zoo.load("unet_s")
+
+
+def test_registering_a_multi_model_entry_skips_the_per_step_cpu_cost(tmp_path):
+    """A chapter's toy entry (several small networks in one file) registers with the default arguments; the
+    per-step CPU cost, which only single networks and the latent pipeline have, is refused with a clear error."""
+    from dmlab.zoo import build, evaluate
+
+    root = _copy_zoo(tmp_path, "poseidon_1d")
+    before = store.read_registry(root)["poseidon_1d"]
+    entry = build.register("poseidon_1d", root=root, measure=False)
+    assert entry["files"] == before["files"] and entry["params"] == before["params"]
+    assert "cpu_seconds_per_step" not in entry
+    with pytest.raises(ValueError, match="train_log.json records its training time"):
+        evaluate.cpu_seconds_per_step(zoo.get_recipe("poseidon_1d"))
