@@ -6,8 +6,8 @@ survives edits better than one added to a finished image. Safe-SD trains an inje
 latent diffuser; at the scale of this library we test the same contrast with a training-free generative mark:
 
 * :func:`embed_noise` / :func:`extract_noise` -- the bits choose the *signs* of the initial noise (each bit
-  repeated over a keyed group of positions; the magnitudes stay half-normal, so with uniformly random bits the
-  initial noise is exactly standard normal and the samples are distributed as unmarked ones). Extraction inverts the
+  repeated over a keyed group of positions and scrambled by keyed signs; the magnitudes stay half-normal, so every
+  position is marginally standard normal). Extraction inverts the
   deterministic sampler (Euler ODE run from ``sigma_min`` up to ``sigma_max``, :func:`invert`) and reads the signs
   by majority vote. This is the construction of Gaussian Shading (Yang et al. 2024); Tree-Ring (Wen et al. 2023)
   marks the initial noise in Fourier space.
@@ -48,6 +48,13 @@ def group_layout(shape, n_bits: int, *, key: int) -> Tensor:
     return groups.view(*shape)
 
 
+def _key_signs(shape, key: int) -> Tensor:
+    """Keyed +-1 per position: the repeated bits are scrambled with it (the stream-cipher step of Gaussian
+    Shading), so that the signs of one image's noise look independent to the model."""
+    g = torch.Generator().manual_seed(key + 1)
+    return 2.0 * torch.randint(0, 2, tuple(shape), generator=g).float() - 1.0
+
+
 def _check_bits(bits: Tensor, n_bits: int) -> Tensor:
     if not isinstance(bits, Tensor) or bits.ndim != 2 or bits.shape[1] != n_bits:
         raise ValueError(f"bits must be a [B, {n_bits}] tensor of 0/1, got {getattr(bits, 'shape', bits)!r}")
@@ -55,15 +62,16 @@ def _check_bits(bits: Tensor, n_bits: int) -> Tensor:
 
 
 def embed_noise(bits: Tensor, shape, *, key: int, generator: torch.Generator) -> Tensor:
-    """Standard-normal initial noise ``[B, *shape]`` whose signs carry ``bits`` ``[B, n_bits]``: ``|eps| * s`` with
-    ``s = +1`` for bit 1 and ``-1`` for bit 0 on the bit's keyed group (:func:`group_layout`)."""
+    """Standard-normal initial noise ``[B, *shape]`` whose signs carry ``bits`` ``[B, n_bits]``: ``|eps| * s * k``
+    with ``s = +1`` for bit 1 and ``-1`` for bit 0 on the bit's keyed group (:func:`group_layout`) and ``k`` a keyed
+    +-1 scrambling per position (without it all positions of a group would share one sign, a visible structure)."""
     if not isinstance(generator, torch.Generator):
         raise TypeError("generator must be a torch.Generator")
     groups = group_layout(shape, bits.shape[1] if isinstance(bits, Tensor) and bits.ndim == 2 else 0, key=key)
     bits = _check_bits(bits, int(groups.max()) + 1)
     mag = torch.randn((bits.shape[0], *shape), generator=generator).abs()
     sign = 2.0 * bits[:, groups.flatten()].view(bits.shape[0], *shape).float() - 1.0
-    return mag * sign
+    return mag * sign * _key_signs(shape, key)
 
 
 def _vote(z: Tensor, groups: Tensor, n_bits: int) -> Tensor:
@@ -96,7 +104,8 @@ def extract_noise(denoiser: Callable, x: Tensor, sigmas: Tensor, n_bits: int, *,
     """Read the bits of :func:`embed_noise` back from an image: :func:`invert`, then a majority vote of the signs in
     each keyed group. Returns ``[B, n_bits]`` 0/1."""
     z = invert(denoiser, x, sigmas, cond=cond)
-    return _vote(z, group_layout(tuple(x.shape[1:]), n_bits, key=key), n_bits)
+    shape = tuple(x.shape[1:])
+    return _vote(z * _key_signs(shape, key).to(z), group_layout(shape, n_bits, key=key), n_bits)
 
 
 def _patterns(shape, n_bits: int, key: int) -> Tensor:
