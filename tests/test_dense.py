@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dmlab import dense, scenes
+from conftest import tiny_sd_unet
 
 
 class _Oracle(torch.nn.Module):
@@ -60,15 +61,9 @@ def test_metrics_are_exact():
 
 
 def test_preimage_on_a_config_built_sd_unet_and_refiner():
-    from diffusers import UNet2DConditionModel
-
     from dmlab.denoisers import DiscreteVPDenoiser
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                attention_head_dim=4, norm_num_groups=4).eval()
+    unet = tiny_sd_unet(attention_head_dim=4)
     D = DiscreteVPDenoiser(unet, dense._alphas_cumprod())
     lat = torch.randn(3, 4, 8, 8)
     cond = {"encoder_hidden_states": torch.randn(3, 2, 8)}
