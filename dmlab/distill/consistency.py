@@ -43,7 +43,7 @@ from ..train import FitConfig, FitResult, fit
 __all__ = ["consistency_fn", "ConsistencyModel", "sample_consistency", "teacher_step", "distill_pairs",
            "consistency_distill", "Discriminator", "BootStudent", "boot_distill", "train_ring_students",
            "load_ring_students", "RingStudents", "ring_teacher", "flow_grid", "RING_METHODS", "SOLVERS",
-           "clopper_pearson_lower", "certify", "certified_accuracy", "denoised_classifier",
+           "clopper_pearson_lower", "certify", "CentroidHead", "certified_accuracy", "denoised_classifier",
            "trajectory_infonce", "rrcm_finetune"]
 
 SOLVERS = ("ode", "sde")
@@ -480,7 +480,8 @@ def _votes(base: Callable, x: Tensor, sigma: float, n: int, generator: torch.Gen
     order, so the counts do not depend on ``batch``)."""
     counts = torch.zeros(len(x), n_classes, dtype=torch.long)
     for i, xi in enumerate(x):
-        noisy = xi + sigma * torch.randn((n,) + xi.shape, generator=generator, dtype=xi.dtype)
+        eps = torch.randn((n,) + xi.shape, generator=generator, dtype=xi.dtype)  # drawn on the CPU
+        noisy = xi + sigma * eps.to(xi.device)
         pred = torch.cat([base(noisy[j:j + batch]).argmax(1) for j in range(0, n, batch)])
         counts[i] = torch.bincount(pred.cpu(), minlength=n_classes)[:n_classes]
     return counts
@@ -533,7 +534,8 @@ def denoised_classifier(denoiser: Callable, classifier: Callable, sigma: float, 
     """Denoised smoothing's base classifier (Carlini et al. 2023): ``x = x0 + sigma eps`` -> the denoiser's
     estimate of ``x0`` -> ``classifier``. ``steps=1`` is one denoiser call (the ``x0`` prediction); ``steps > 1``
     follows the probability-flow ODE from ``sigma`` to 0 with Euler steps on a Karras grid (``steps`` calls).
-    ``cond`` (e.g. ``{"class_labels": NULL}``, a tensor broadcast to the batch) is passed to the denoiser."""
+    ``cond`` (e.g. ``{"class_labels": NULL}``; a 0-d tensor or one with a leading dimension of 1 is expanded to
+    the batch) is passed to the denoiser."""
     from ..samplers.ode import sample_euler
     from ..schedules import karras
 
@@ -544,10 +546,35 @@ def denoised_classifier(denoiser: Callable, classifier: Callable, sigma: float, 
     grid = torch.tensor([float(sigma), 0.0]) if steps == 1 else karras(steps, sigma_min, float(sigma))
 
     def base(x: Tensor) -> Tensor:
-        c = {k: (v.expand(len(x)) if isinstance(v, Tensor) and v.ndim <= 1 else v) for k, v in (cond or {}).items()}
+        c = {k: (v.expand(len(x), *v.shape[1:]) if isinstance(v, Tensor) and (v.ndim == 0 or len(v) == 1) else v)
+             for k, v in (cond or {}).items()}  # one label / embedding serves the whole batch
         return classifier(sample_euler(denoiser, x, grid.to(x.device), cond=c))
     base.nfe = steps
     return base
+
+
+class CentroidHead(nn.Module):
+    """A nearest-centroid classifier on a feature map: logits are ``scale`` times the cosine similarity of
+    ``features(x)`` to each class's mean feature over reference inputs ``x_ref`` (labels ``y_ref`` in
+    ``0..n_classes-1``). At full scale ``features`` is DINOv2 on decoded latents, a base classifier for denoised
+    smoothing without any training."""
+
+    def __init__(self, features: Callable, x_ref: Tensor, y_ref: Tensor, scale: float = 10.0):
+        super().__init__()
+        if not callable(features):
+            raise TypeError("features must be callable: features(x) -> [B, d]")
+        y_ref = torch.as_tensor(y_ref)
+        if len(y_ref) != len(x_ref):
+            raise ValueError(f"x_ref and y_ref must have the same length, got {len(x_ref)} and {len(y_ref)}")
+        self.features, self.scale = features, scale
+        with torch.no_grad():
+            f = nn.functional.normalize(features(x_ref).float(), dim=1)
+        y = y_ref.to(f.device)
+        self.register_buffer("centroids", nn.functional.normalize(
+            torch.stack([f[y == c].mean(0) for c in range(int(y.max()) + 1)]), dim=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * nn.functional.normalize(self.features(x).float(), dim=1) @ self.centroids.T
 
 
 def trajectory_infonce(za: Tensor, zb: Tensor, tau: float = 0.2) -> Tensor:
