@@ -11,6 +11,7 @@ branches spread over the zoo's files):
 * ``finetune`` - a zoo model fine-tuned by full fine-tuning, LoRA, DiffFit or SaRA, stored as the update on top of
   its base (:mod:`dmlab.finetuning`, chapter 23);
 * ``ring_students`` - chapter 25's few-step students of the 8-Gaussian ring;
+* ``rrcm_s*`` / ``noiseaug_s*`` (kind ``robust_classifier``) - chapter 25's noise-robust digit classifiers (paper 65);
 * ``kd_student`` - a zoo DiT with blocks removed, distilled from it (:mod:`dmlab.distill.architecture`, chapter 27);
 * ``maskgit`` - a patch VQ and a masked-token transformer (:mod:`dmlab.masked_tokens`, chapter 27).
 
@@ -644,3 +645,44 @@ def _eval_beyond(name, root):
 
 # time series (TSDiff, paper 49) and PDE operators (Poseidon, paper 80): several small models per entry
 KINDS["beyond"] = Kind("beyond", _load_beyond, _train_beyond, _cost_beyond, _eval_beyond)
+
+
+# ----------------------------------------------------------------------------------------------- chapter 25, paper 65
+def _train_robust_classifier(recipe, folder, device="cpu", resume=True, progress=True):
+    """Fine-tune a copy of the base classifier with :func:`dmlab.distill.consistency.rrcm_finetune`."""
+    import copy
+
+    import torch
+
+    from ..data import load_digits
+    from ..distill.consistency import rrcm_finetune
+    from .registry import load
+
+    ex, tc = recipe.extra, recipe.train
+    model = copy.deepcopy(load(ex["base"]))
+    x, y = load_digits("train")
+    lo, hi, k = ex["sigma_grid"]
+    res = rrcm_finetune(model, x, y, torch.linspace(lo, hi, k), steps=tc.steps, batch=tc.batch_size, lr=tc.lr,
+                        generator=torch.Generator().manual_seed(tc.seed), contrastive=ex["contrastive"],
+                        lbd=ex["lbd"], tau=ex["tau"], eta=ex["eta"])
+    _write_weights(folder, model.state_dict(), recipe.model)
+    _write_log(folder, {"config_hash": recipe.config_hash, "steps": tc.steps, "train_seconds": round(res.seconds, 1),
+                        "device": "cpu", "loss": res.curve})
+    return folder
+
+
+def _eval_robust_classifier(name, root):
+    import torch
+
+    from ..data import load_digits
+    from .registry import load
+
+    model = load(name)
+    x, y = load_digits("test")
+    noisy = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return {"test_accuracy_sigma0.5": round(float((model(noisy).argmax(1) == y).float().mean()), 4)}
+
+
+KINDS["robust_classifier"] = Kind("robust_classifier", _load_classifier, _train_robust_classifier, _cost_network,
+                                  _eval_robust_classifier)

@@ -261,3 +261,17 @@ RECIPES["poseidon_1d"] = Recipe(
      "finetune_family": "allen_cahn", "finetune_n": [2, 8, 32], "finetune_data_seed": 500, "finetune_steps": 300,
      "finetune_batch": 32, "finetune_lr": 1e-3},
     TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup=50, ema=0.0, p_uncond=0.0), size=2)
+
+
+# Chapter 25, paper 65 (rRCM): the digit classifier fine-tuned on noisy digits for randomised smoothing, with rRCM's
+# trajectory-consistency terms (rrcm_s*) or by plain Gaussian noise augmentation on the same draws (noiseaug_s*).
+for _m in ("rrcm", "noiseaug"):
+    for _s in range(3):
+        RECIPES[f"{_m}_s{_s}"] = Recipe(
+            f"{_m}_s{_s}", "robust_classifier",
+            f"the zoo classifier fine-tuned on noisy digits ({'rRCM: cross-entropy + trajectory InfoNCE + consistency' if _m == 'rrcm' else 'Gaussian noise augmentation, same draws'}; seed {_s}, chapter 25)",
+            {"widths": [32, 64, 128], "features": 64},
+            TrainConfig(steps=400, batch_size=128, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.0, seed=_s,
+                        checkpoint_every=10 ** 6),
+            extra={"base": "classifier", "contrastive": _m == "rrcm", "sigma_grid": [0.0, 1.0, 21], "lbd": 0.1,
+                   "tau": 0.2, "eta": 5.0})
