@@ -488,6 +488,41 @@ def _eval_dense(name, root):
 KINDS["dense"] = Kind("dense", _load_dense, _train_dense, _cost_dense, _eval_dense)
 
 
+def _load_calib(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..dense import load_calib_suite
+
+    return load_calib_suite(load_file(str(folder / "model.safetensors")),
+                            json.loads((folder / "config.json").read_text()))
+
+
+def _train_calib(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..dense import train_calib_suite
+
+    t0 = time.time()
+    state, log = train_calib_suite(recipe.model, progress=progress)
+    state = {k: v.contiguous() for k, v in state.items()}
+    return _save_toy_entry(recipe, folder, state, {"final_loss": log}, time.time() - t0)
+
+
+def _cost_calib(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    s = recipe.model["size"]
+    with torch.no_grad():
+        flops = count_flops(lambda: obj["camera"](torch.zeros(1, 3, s, s), torch.zeros(1, 0, s, s),
+                                                  torch.zeros(1, dtype=torch.long)))
+    return {"params": sum(p.numel() for m in obj.values() for p in m.parameters()), "flops_per_call": int(flops)}
+
+
+KINDS["calib"] = Kind("calib", _load_calib, _train_calib, _cost_calib, _eval_dense)
+
+
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 
 

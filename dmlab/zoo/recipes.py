@@ -221,6 +221,15 @@ for _s in range(3):
         {"seed": _s, "n_train": 768, "data_seed": 290, "size": 32, "steps": 400, "batch": 16, "lr": 2e-3,
          "width": 16, "frozen": "unet_l", "preimage_sigma": 0.1},
         TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=32)
+# chapter 29, DM-Calib: camera-image prediction against direct (f, cx, cy) regression, one entry per training seed
+for _s in range(3):
+    RECIPES[f"calib_s{_s}"] = Recipe(
+        f"calib_s{_s}", "calib", f"chapter 29's intrinsics nets on rendered 32x32 scenes with random focal length and "
+        f"principal point, training seed {_s}: a DenseNet predicting the camera image (incidence map, DM-Calib) and "
+        "the same net regressing (f, cx, cy); same data, steps, batch and width",
+        {"seed": _s, "n_train": 768, "data_seed": 430, "size": 32, "steps": 400, "batch": 16, "lr": 2e-3,
+         "width": 16},
+        TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=32)
 # Chapter 27 (architecture distillation, KOALA): dit_s with its two middle blocks removed, distilled from dit_s with
 # output-only KD or output + feature KD at one site (self-attention, feed-forward or whole-block outputs); the same
 # batches per seed for every site, three training seeds each (kind "kd_student").
