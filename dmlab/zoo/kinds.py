@@ -13,6 +13,7 @@ branches spread over the zoo's files):
 * ``ring_students`` - chapter 25's few-step students of the 8-Gaussian ring;
 * ``kd_student`` - a zoo DiT with blocks removed, distilled from it (:mod:`dmlab.distill.architecture`, chapter 27);
 * ``maskgit`` - a patch VQ and a masked-token transformer (:mod:`dmlab.masked_tokens`, chapter 27).
+* ``latent_edit`` - asymmetric decoders of ``sd_tiny`` and their plain control (:mod:`dmlab.latent_edit`, chapter 33).
 
 Adapters (exit heads, linear attention, finetune, kd_student) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
 fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
