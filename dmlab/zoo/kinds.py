@@ -14,6 +14,7 @@ branches spread over the zoo's files):
 * ``rrcm_s*`` / ``noiseaug_s*`` (kind ``robust_classifier``) - chapter 25's noise-robust digit classifiers (paper 65);
 * ``kd_student`` - a zoo DiT with blocks removed, distilled from it (:mod:`dmlab.distill.architecture`, chapter 27);
 * ``maskgit`` - a patch VQ and a masked-token transformer (:mod:`dmlab.masked_tokens`, chapter 27).
+* ``latent_edit`` - asymmetric decoders of ``sd_tiny`` and their plain control (:mod:`dmlab.latent_edit`, chapter 33).
 
 Adapters (exit heads, linear attention, finetune, kd_student) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
 fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
@@ -721,3 +722,39 @@ def _eval_robust_classifier(name, root):
 
 KINDS["robust_classifier"] = Kind("robust_classifier", _load_classifier, _train_robust_classifier, _cost_network,
                                   _eval_robust_classifier)
+
+
+# ----------------------------------------------------------------------------------------------- chapter 33
+def _load_latent_edit(folder, entry, root):
+    from safetensors.torch import load_file
+
+    from ..latent_edit import load_entry
+
+    return load_entry(load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text()))
+
+
+def _train_latent_edit(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..latent_edit import train_entry
+
+    t0 = time.process_time()
+    state, log = train_entry(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.process_time() - t0, recipe.train.steps)
+
+
+def _cost_latent_edit(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    d = obj["asym"][0]
+    z, x, m = torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
+    with torch.no_grad():
+        flops = count_flops(lambda: d(z, x, m))
+    return {"params": sum(p.numel() for v in obj.values() for d in v for p in d.parameters()),
+            "flops_per_call": int(flops)}
+
+
+# asymmetric decoders of sd_tiny (Asymmetric VQGAN, paper 77)
+KINDS["latent_edit"] = Kind("latent_edit", _load_latent_edit, _train_latent_edit, _cost_latent_edit, _eval_beyond)

@@ -284,3 +284,15 @@ for _m in ("rrcm", "noiseaug"):
                         checkpoint_every=10 ** 6),
             extra={"base": "classifier", "contrastive": _m == "rrcm", "sigma_grid": [0.0, 1.0, 21], "lbd": 0.1,
                    "tau": 0.2, "eta": 5.0})
+
+
+# Chapter 33 (latent spaces): asymmetric decoders for sd_tiny (Asymmetric VQGAN, paper 77): the decoder plus a
+# conditional branch fed the masked source image, and the plain decoder fine-tuned at the same steps and batches
+# (the control); encoder frozen; one training seed on this loaded machine (kind "latent_edit").
+RECIPES["asym_decoder"] = Recipe(
+    "asym_decoder", "latent_edit", "chapter 33: sd_tiny's VAE decoder with a conditional branch on the masked "
+    "source image (Asymmetric VQGAN) and the plain decoder fine-tuned at the same budget (one training seed)",
+    {"seeds": [0], "steps": 150, "batch": 32, "lr": 1e-3, "width": 16, "p_full": 0.25,
+     "train_decoder": False},
+    TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.0), size=16,
+    extra={"base": "sd_tiny"})
