@@ -209,6 +209,7 @@ def _eval_adapter(name, root):
 # ----------------------------------------------------------------------------------------------- chapter 23
 def _finetune_kw(model_cfg: dict) -> tuple[str, dict]:
     kw = dict(model_cfg)
+    kw.pop("smooth", None)  # a training-only setting (chapter 22's step-variation weight)
     return kw.pop("method"), kw
 
 
@@ -240,8 +241,13 @@ def _train_finetune(recipe, folder, device="cpu", resume=True, progress=True):
     x, y = load_digits("train", size=recipe.size)
     keep = torch.isin(y, torch.tensor(recipe.extra["classes"]))
     tc = recipe.train
+    reg = None
+    if recipe.model.get("smooth"):
+        from ..guidance import StepVariationRegularizer
+
+        reg = StepVariationRegularizer(recipe.model["smooth"], seed=tc.seed)
     res = finetune(base, method, x[keep], y[keep], training_alphas_cumprod(), steps=tc.steps, lr=tc.lr,
-                   seed=tc.seed, batch_size=tc.batch_size, p_uncond=tc.p_uncond, **kw)
+                   seed=tc.seed, batch_size=tc.batch_size, p_uncond=tc.p_uncond, regularizer=reg, **kw)
     state = adapter_state(method, base, res.model)
     _write_weights(folder, state, recipe.model)
     from diffusers import DDPMScheduler

@@ -154,6 +154,18 @@ for _m, (_cfg, _lr) in FT_METHODS.items():
                                     seed=_s, checkpoint_every=10 ** 6),
             extra={"base": "unet_src", "classes": [5, 6, 7, 8, 9]})
 
+# Chapter 22 (Smooth Diffusion, paper 63): unet_s fine-tuned on all digits with and without the step-wise
+# variation regulariser, same steps, batch, data draws and learning rate per seed, three training seeds each.
+SMOOTH_STEPS = 100
+for _w, _tag in ((10.0, "on"), (0.0, "off")):
+    for _s in range(3):
+        RECIPES[f"smooth_{_tag}_s{_s}"] = Recipe(
+            f"smooth_{_tag}_s{_s}", "finetune", f"unet_s fine-tuned on all digits, step-variation regulariser "
+                                              f"weight {_w} (seed {_s}, chapter 22)",
+            {"method": "full", "smooth": _w}, TrainConfig(steps=SMOOTH_STEPS, batch_size=32, lr=3e-4, warmup=0,
+                                                          ema=0.0, p_uncond=0.1, seed=_s, checkpoint_every=10 ** 6),
+            extra={"base": "unet_s", "classes": list(range(10))})
+
 
 # Adapters: trained on a frozen zoo model named by extra["base"] (their network is derived from the base).
 RECIPES["dit_l_exit"] = Recipe(
