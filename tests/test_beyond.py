@@ -4,7 +4,7 @@ import torch
 
 from dmlab import beyond as B
 from dmlab.data import seasonal_series
-from conftest import tiny_sd_unet
+from tiny_models import tiny_sd_unet
 
 
 def g(s=0):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dmlab import dense, scenes
-from conftest import tiny_sd_unet
+from tiny_models import tiny_sd_unet
 
 
 class _Oracle(torch.nn.Module):

@@ -8,7 +8,7 @@ from dmlab.denoisers import cfg
 from dmlab.exact import GaussianDenoiser
 from dmlab.hooks import capture
 from dmlab.samplers import sample_euler
-from conftest import tiny_sd_unet
+from tiny_models import tiny_sd_unet
 
 
 class TinyNet(torch.nn.Module):

@@ -6,7 +6,7 @@ import torch
 
 from dmlab import score_distillation as sd
 from dmlab.exact import GaussianDenoiser, GMMDenoiser
-from conftest import tiny_sd_unet
+from tiny_models import tiny_sd_unet
 
 MU, S2 = torch.tensor([0.7, -0.4], dtype=torch.float64), 0.25
 G = GaussianDenoiser(MU, S2 * torch.eye(2, dtype=torch.float64))

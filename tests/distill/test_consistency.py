@@ -5,7 +5,7 @@ import torch
 from dmlab import exact, schedules
 from dmlab.distill import consistency as cm
 from dmlab.zoo.toy import toy_denoiser
-from conftest import tiny_sd_unet
+from tiny_models import tiny_sd_unet
 
 
 def _gauss():

@@ -7,7 +7,7 @@ import torch
 
 from dmlab import schedules
 from dmlab.distill import guidance as gd
-from conftest import tiny_sd_unet
+from tiny_models import tiny_sd_unet
 
 TINY = {"seeds": [0], "hidden": 16, "depth": 2, "teacher_steps": 3, "steps": 3, "pd_steps": 2, "batch": 16,
         "lr": 1e-3, "lora_rank": 2, "w_range": [1.0, 4.0], "sigma_min": 0.002, "sigma_max": 20.0, "grid_steps": 4,

@@ -7,7 +7,7 @@ from dmlab import schedules
 from dmlab.denoisers import DiscreteVPDenoiser
 from dmlab.samplers import sample_dpmpp_2m
 from dmlab.samplers.fullscale import sd_guided
-from conftest import tiny_sd_unet
+from tiny_models import tiny_sd_unet
 
 
 def _fake_sd():
