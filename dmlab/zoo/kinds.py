@@ -124,6 +124,19 @@ def _train_sd(recipe, folder, device="cpu", resume=True, progress=True):
     return train_pipeline(recipe, folder, device=device, resume=resume, progress=progress)
 
 
+def _state_entry_loader(module: str, fn: str):
+    """The ``load`` of a chapter's toy entry: ``module.fn(state_dict, model_config)`` on the entry's
+    ``model.safetensors`` and ``config.json`` (the module is imported when the entry is loaded)."""
+    def load(folder, entry, root):
+        import importlib
+
+        from safetensors.torch import load_file
+
+        build = getattr(importlib.import_module(module, __package__), fn)
+        return build(load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text()))
+    return load
+
+
 def _write_weights(folder: pathlib.Path, state: dict, config: dict) -> None:
     """Empty ``folder`` of files, then write ``model.safetensors`` (``state``) and ``config.json`` (``config``)."""
     from safetensors.torch import save_file
@@ -288,14 +301,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("finetune", _load_finetune, _train_finetune, _cost_finetune, _eval_adapter, denoiser=True, adapter=True),
 ]}
 # ----------------------------------------------------------------------------------------------- chapter 25
-def _load_ring_students(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..distill.consistency import load_ring_students
-
-    students = load_ring_students(load_file(str(folder / "model.safetensors")),
-                                  json.loads((folder / "config.json").read_text()))
-    return students
+_load_ring_students = _state_entry_loader("..distill.consistency", "load_ring_students")
 
 
 def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=True):
@@ -348,13 +354,7 @@ KINDS["ring_students"] = Kind("ring_students", _load_ring_students, _train_ring_
 
 
 # ----------------------------------------------------------------------------------------------- chapter 24
-def _load_guided_students(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..distill.guidance import load_guided_students
-
-    return load_guided_students(load_file(str(folder / "model.safetensors")),
-                                json.loads((folder / "config.json").read_text()))
+_load_guided_students = _state_entry_loader("..distill.guidance", "load_guided_students")
 
 
 def _train_guided_students(recipe, folder, device="cpu", resume=True, progress=True):
@@ -449,13 +449,7 @@ KINDS["superres"] = Kind("superres", _load_superres, _train_superres, _cost_supe
 
 
 # ----------------------------------------------------------------------------------------------- chapter 29
-def _load_dense(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..dense import load_dense_suite
-
-    return load_dense_suite(load_file(str(folder / "model.safetensors")),
-                            json.loads((folder / "config.json").read_text()))
+_load_dense = _state_entry_loader("..dense", "load_dense_suite")
 
 
 def _train_dense(recipe, folder, device="cpu", resume=True, progress=True):
@@ -495,13 +489,7 @@ def _eval_dense(name, root):
 KINDS["dense"] = Kind("dense", _load_dense, _train_dense, _cost_dense, _eval_dense)
 
 
-def _load_calib(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..dense import load_calib_suite
-
-    return load_calib_suite(load_file(str(folder / "model.safetensors")),
-                            json.loads((folder / "config.json").read_text()))
+_load_calib = _state_entry_loader("..dense", "load_calib_suite")
 
 
 def _train_calib(recipe, folder, device="cpu", resume=True, progress=True):
@@ -640,12 +628,7 @@ ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 
 
 # ----------------------------------------------------------------------------------------------- chapter 32
-def _load_beyond(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..beyond import load_entry
-
-    return load_entry(load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text()))
+_load_beyond = _state_entry_loader("..beyond", "load_entry")
 
 
 def _train_beyond(recipe, folder, device="cpu", resume=True, progress=True):
@@ -731,12 +714,7 @@ KINDS["robust_classifier"] = Kind("robust_classifier", _load_classifier, _train_
 
 
 # ----------------------------------------------------------------------------------------------- chapter 33
-def _load_latent_edit(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..latent_edit import load_entry
-
-    return load_entry(load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text()))
+_load_latent_edit = _state_entry_loader("..latent_edit", "load_entry")
 
 
 def _train_latent_edit(recipe, folder, device="cpu", resume=True, progress=True):
