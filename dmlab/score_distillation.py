@@ -30,6 +30,19 @@ and keeps snapshots. :func:`projection_matrix`, :func:`view_prior` and :func:`co
 exact view priors of a Gaussian-mixture scene prior (unconditioned, or conditioned on input views as in Sparse3D,
 Zou et al. 2023, ``zou2023sparse3d``). :func:`transport_costs` / :func:`wasserstein2` give the exact W2 between equal-size particle sets (the 2-D
 yardstick).
+
+Two pipelines replace or reshape the per-scene optimisation:
+
+* Direct2.5 (Lu et al. 2024, ``lu2024direct25``): a multi-view 2.5-D diffusion model samples the *normal maps* of
+  all cameras jointly, and an explicit fusion turns them into geometry in one solve, with no SDS loop.
+  :func:`normal_camera` is the flatland normal map (the slope of a view, which must be integrated to give the view
+  back), :func:`fusion_operator` the least-squares fusion (integration and tomography in one matrix),
+  :func:`direct25` the pipeline (joint sampling, or each view on its own as the ablation without cross-view
+  attention), :func:`shape_error` the distance of a scene to the nearest class's shape space.
+* Isotropic3D (Liu et al. 2024, ``liu2024isotropic3d``): image-to-3D with a prior conditioned only on a global
+  embedding of the reference image (:func:`embedding_camera`) and SDS from *all* cameras, without the pixel-aligned
+  reference-view loss (:func:`reconstruct_from_views` with ``sds_views="all"``, ``data_weight=0``);
+  :func:`view_errors` gives the per-view errors whose spread measures isotropy.
 """
 from __future__ import annotations
 
@@ -47,8 +60,8 @@ from .exact import GMMDenoiser
 __all__ = ["SCHEDULES", "METHODS", "WEIGHTINGS", "default_sigmas", "sigma_of_t", "weight", "timesteps", "eps_hat", "sds_grad",
            "sds_reconstruction_loss", "vsd_grad", "asd_grad", "asd_shift", "particle_denoiser", "DistillResult",
            "distill", "projection_matrix", "view_prior", "condition_on_views", "reconstruct_from_views",
-           "transport_costs",
-           "wasserstein2"]
+           "transport_costs", "wasserstein2", "normal_camera", "fusion_operator", "Direct25Result", "direct25",
+           "shape_error", "embedding_camera", "view_errors"]
 
 SCHEDULES = ("random", "annealed", "annealed-random")
 METHODS = ("sds", "vsd", "asd")
@@ -351,19 +364,30 @@ def condition_on_views(prior: GMMDenoiser, A: Tensor, y: Tensor, *, noise_var: f
 
 
 def reconstruct_from_views(prior: GMMDenoiser, cameras: Sequence[Tensor], observed: Sequence[int], y: Tensor, *,
-                           distill_prior: str | None = "conditioned", n_steps: int = 150, lr: float = 0.05,
-                           prior_weight: float = 30.0, views_per_step: int = 3, data_weight: float = 50.0,
+                           distill_prior: str | GMMDenoiser | None = "conditioned", n_steps: int = 150,
+                           lr: float = 0.05, prior_weight: float = 30.0, views_per_step: int = 3,
+                           data_weight: float = 50.0, sds_views: str = "novel",
                            generator: torch.Generator) -> Tensor:
     """Reconstruct a flattened scene from the views ``y`` (stacked) of the cameras ``observed``.
 
-    The loss is ``data_weight ||A v - y||^2`` (``A`` stacks the observed cameras) plus, unless ``distill_prior`` is
-    None, SDS from ``views_per_step`` random *novel* cameras per step, weighted by ``prior_weight``: the prior of a
-    novel view is :func:`view_prior` of ``prior`` (``"unconditioned"``, DreamFusion-style) or of the posterior given
-    the observed views (``"conditioned"``: the multi-view-consistent prior Sparse3D distils). Noise levels are
-    annealed (:func:`timesteps`); Adam from ``v = 0``. Returns ``v`` ``[dim]``.
+    The loss is ``data_weight ||A v - y||^2`` (``A`` stacks the observed cameras; ``data_weight=0`` drops this
+    pixel-aligned term) plus, unless ``distill_prior`` is None, SDS from ``views_per_step`` random cameras per step,
+    weighted by ``prior_weight``: the prior of a view is :func:`view_prior` of ``prior`` (``"unconditioned"``,
+    DreamFusion-style), of the posterior given the observed views (``"conditioned"``: the multi-view-consistent prior
+    Sparse3D distils) or of a scene distribution passed as a :class:`GMMDenoiser` (e.g. ``prior`` conditioned on a
+    global embedding of the views, :func:`embedding_camera`, as in Isotropic3D). ``sds_views="novel"`` draws the
+    SDS cameras among the unobserved ones, ``"all"`` among every camera (Isotropic3D: no view is special). Noise
+    levels are annealed (:func:`timesteps`); Adam from ``v = 0``. Returns ``v`` ``[dim]``.
     """
-    if distill_prior not in (None, "conditioned", "unconditioned"):
-        raise ValueError(f"distill_prior must be None, 'conditioned' or 'unconditioned', got {distill_prior!r}")
+    if not (distill_prior in (None, "conditioned", "unconditioned") or isinstance(distill_prior, GMMDenoiser)):
+        raise ValueError(f"distill_prior must be None, 'conditioned', 'unconditioned' or a GMMDenoiser over scenes, "
+                         f"got {distill_prior!r}")
+    if isinstance(distill_prior, GMMDenoiser) and distill_prior.dim != prior.dim:
+        raise ValueError(f"distill_prior is a mixture over {distill_prior.dim} values; the scenes have {prior.dim}")
+    if sds_views not in ("novel", "all"):
+        raise ValueError(f"sds_views must be 'novel' (the unobserved cameras) or 'all', got {sds_views!r}")
+    if not (isinstance(data_weight, (int, float)) and data_weight >= 0):
+        raise ValueError(f"data_weight must be a number >= 0 (0: no pixel-aligned loss), got {data_weight!r}")
     observed = list(observed)
     if not observed or any(not 0 <= i < len(cameras) for i in observed):
         raise ValueError(f"observed must list camera indices in [0, {len(cameras) - 1}], got {observed}")
@@ -371,16 +395,20 @@ def reconstruct_from_views(prior: GMMDenoiser, cameras: Sequence[Tensor], observ
     y = torch.as_tensor(y, dtype=torch.float64)
     if y.shape != (A.shape[0],):
         raise ValueError(f"y must stack the observed views, shape [{A.shape[0]}], got {tuple(y.shape)}")
-    novel = [i for i in range(len(cameras)) if i not in observed]
+    novel = [i for i in range(len(cameras)) if sds_views == "all" or i not in observed]
     if distill_prior is not None:
-        base = condition_on_views(prior, A, y) if distill_prior == "conditioned" else prior
+        if isinstance(distill_prior, GMMDenoiser):
+            base = distill_prior
+        else:
+            base = condition_on_views(prior, A, y) if distill_prior == "conditioned" else prior
         views = {i: view_prior(base, cameras[i]) for i in novel}
     ts = timesteps("annealed", n_steps, 1)
     v = torch.zeros(prior.dim, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([v], lr=lr)
     for k in range(n_steps):
         opt.zero_grad(set_to_none=True)
-        (data_weight * ((A @ v - y) ** 2).sum()).backward()
+        if data_weight > 0:
+            (data_weight * ((A @ v - y) ** 2).sum()).backward()
         if distill_prior is not None and novel:
             sig = sigma_of_t(ts[k])
             for j in torch.randperm(len(novel), generator=generator)[:views_per_step].tolist():
@@ -390,6 +418,136 @@ def reconstruct_from_views(prior: GMMDenoiser, cameras: Sequence[Tensor], observ
                 x.backward(gradient=prior_weight * g / min(views_per_step, len(novel)))
         opt.step()
     return v.detach()
+
+
+# ----------------------------------------------------------------------------------------------- Direct2.5, Isotropic3D
+def _check_camera(P, name: str = "P") -> Tensor:
+    P = torch.as_tensor(P, dtype=torch.float64)
+    if P.ndim != 2 or P.shape[0] < 1:
+        raise ValueError(f"{name} must be a camera matrix [bins, dim] (e.g. projection_matrix(...)), got "
+                         f"{tuple(P.shape)}")
+    return P
+
+
+def normal_camera(P: Tensor) -> Tensor:
+    """The flatland *normal map* of a camera ``P`` ``[bins, dim]``: the slope of its view profile, ``n_i = p_i -
+    p_{i-1}`` with ``p_{-1} = p_{bins} = 0`` (the object lies inside the field of view), a ``[bins + 1, dim]`` matrix.
+
+    Like a normal map in 3-D it records how the surface turns, not where it is: a view is recovered from it only by
+    integration (the cumulative sum, the 1-D Frankot-Chellappa / Poisson solve), which :func:`fusion_operator` does
+    jointly with the tomographic fusion. Linear, so a mixture prior of scenes gives exact priors of normal maps
+    (:func:`view_prior`)."""
+    P = _check_camera(P)
+    bins = P.shape[0]
+    D = torch.zeros(bins + 1, bins, dtype=torch.float64)
+    idx = torch.arange(bins)
+    D[idx, idx] = 1.0
+    D[idx + 1, idx] = -1.0
+    return D @ P
+
+
+def fusion_operator(cameras: Sequence[Tensor], *, ridge: float = 1e-3) -> Tensor:
+    """The explicit fusion of Direct2.5's second stage in flatland: ``F`` ``[dim, sum bins]`` with
+    ``v = F concat(maps)`` the ridge least-squares scene ``argmin_v sum_i ||M_i v - maps_i||^2 + ridge ||v||^2``
+    for the cameras ``M_i`` (e.g. :func:`normal_camera` s). Computed once per camera rig; fusing an asset is then
+    one matrix product instead of an optimisation."""
+    if not isinstance(ridge, (int, float)) or not ridge > 0:
+        raise ValueError(f"ridge must be a positive number (it regularises the cameras' null space), got {ridge!r}")
+    if len(cameras) == 0:
+        raise ValueError("cameras must list at least one camera matrix")
+    M = torch.cat([_check_camera(P, "each camera") for P in cameras])
+    return torch.linalg.solve(M.T @ M + ridge * torch.eye(M.shape[1], dtype=torch.float64), M.T)
+
+
+@dataclass
+class Direct25Result:
+    """What :func:`direct25` returns: the fused ``scenes`` ``[n, dim]``, the generated ``maps`` ``[n, sum bins]``
+    (all cameras concatenated), the model calls ``nfe`` and the per-asset ``residual``, the mean squared misfit of
+    the maps to the re-rendered fused scene (0 for perfectly consistent views)."""
+
+    scenes: Tensor
+    maps: Tensor
+    nfe: int
+    residual: Tensor
+
+
+def direct25(prior: GMMDenoiser, cameras: Sequence[Tensor], n: int, *, generator: torch.Generator, steps: int = 10,
+             joint: bool = True, sigma_min: float = 0.002, sigma_max: float = 80.0, ridge: float = 1e-3,
+             fusion: Tensor | None = None) -> Direct25Result:
+    """Direct2.5 (Lu et al. 2024) in flatland: sample the maps of all ``cameras`` with a multi-view diffusion model
+    of the scene distribution ``prior``, then fuse them explicitly (:func:`fusion_operator`). No SDS loop.
+
+    The multi-view model is exact here: :func:`view_prior` of ``prior`` through the stacked cameras, the joint
+    distribution of all views that a model with cross-view attention learns. It is sampled by DPM-Solver++(2M) on a
+    Karras schedule (``steps`` model calls for the whole batch of ``n`` assets, each call denoising every view).
+    ``joint=False`` is the ablation without cross-view attention: every view is sampled from its own single-view
+    prior with independent noise (``steps * len(cameras)`` calls), so the views need not agree. ``fusion`` may pass
+    a precomputed :func:`fusion_operator` (else it is built with ``ridge``)."""
+    from .samplers.exponential import sample_dpmpp_2m
+
+    if not isinstance(prior, GMMDenoiser):
+        raise TypeError("prior must be a GMMDenoiser over flattened scenes (the distribution the model learnt)")
+    if not (isinstance(n, int) and n >= 1 and isinstance(steps, int) and steps >= 2):
+        raise ValueError(f"n must be an int >= 1 and steps an int >= 2, got n={n!r}, steps={steps!r}")
+    cams = [_check_camera(P, "each camera") for P in cameras]
+    if not cams or any(P.shape[1] != prior.dim for P in cams):
+        raise ValueError(f"cameras must be a non-empty list of [bins, {prior.dim}] matrices")
+    F = fusion_operator(cams, ridge=ridge) if fusion is None else torch.as_tensor(fusion, dtype=torch.float64)
+    M = torch.cat(cams)
+    if F.shape != (prior.dim, M.shape[0]):
+        raise ValueError(f"fusion must be [{prior.dim}, {M.shape[0]}] (fusion_operator(cameras)), got {tuple(F.shape)}")
+    sig = schedules.karras(steps, sigma_min, sigma_max).to(torch.float64)
+    if joint:
+        x = sig[0] * torch.randn(n, M.shape[0], generator=generator, dtype=torch.float64)
+        maps, nfe = sample_dpmpp_2m(view_prior(prior, M), x, sig), steps
+    else:
+        parts = []
+        for P in cams:
+            x = sig[0] * torch.randn(n, P.shape[0], generator=generator, dtype=torch.float64)
+            parts.append(sample_dpmpp_2m(view_prior(prior, P), x, sig))
+        maps, nfe = torch.cat(parts, 1), steps * len(cams)
+    scenes = maps @ F.T
+    return Direct25Result(scenes, maps, nfe, ((scenes @ M.T - maps) ** 2).mean(1))
+
+
+def shape_error(v: Tensor, means: Tensor, bases: Tensor) -> Tensor:
+    """Geometry error of scenes ``v`` ``[n, dim]`` against known shape classes: per scene, the mean squared residual
+    of ``v - means[k]`` after removing its part in the span of ``bases[k]`` (the class's smooth variations,
+    ``[K, dim, r]``), minimised over the classes ``k``. Zero for any scene ``means[k] + bases[k] z``: the yardstick
+    neither rewards the class mean (mode seeking) nor penalises variety within the class. Returns ``[n]``."""
+    v, mu, Bk = (torch.as_tensor(a, dtype=torch.float64) for a in (v, means, bases))
+    if v.ndim != 2 or mu.ndim != 2 or Bk.ndim != 3 or not (v.shape[1] == mu.shape[1] == Bk.shape[1]) \
+            or mu.shape[0] != Bk.shape[0]:
+        raise ValueError(f"need v [n, dim], means [K, dim], bases [K, dim, r]; got {tuple(v.shape)}, "
+                         f"{tuple(mu.shape)}, {tuple(Bk.shape)}")
+    Q = torch.linalg.qr(Bk).Q  # [K, dim, r] orthonormal
+    r = v[:, None, :] - mu[None]  # [n, K, dim]
+    r = r - torch.einsum("kdr,nkr->nkd", Q, torch.einsum("kdr,nkd->nkr", Q, r))
+    return (r ** 2).mean(-1).min(1).values
+
+
+def embedding_camera(P: Tensor, k: int = 3) -> Tensor:
+    """A *global embedding* of the view of camera ``P`` ``[bins, dim]``: its first ``k`` moments over the detector
+    (mass, centroid, spread, ...: ``sum_s s^j p(s)`` for ``j < k``, ``s`` on ``[-1, 1]``), a ``[k, dim]`` matrix.
+    It summarises the image without being pixel-aligned, the flatland stand-in for Isotropic3D's CLIP image
+    embedding: condition a prior on it with :func:`condition_on_views` (``A = embedding_camera(P)``, ``y = A v``)."""
+    P = _check_camera(P)
+    if not (isinstance(k, int) and 1 <= k <= P.shape[0]):
+        raise ValueError(f"k must be an int in [1, {P.shape[0]}] (moments of a {P.shape[0]}-bin view), got {k!r}")
+    s = torch.linspace(-1, 1, P.shape[0], dtype=torch.float64)
+    return torch.stack([s ** j for j in range(k)]) @ P
+
+
+def view_errors(v: Tensor, truth: Tensor, cameras: Sequence[Tensor]) -> Tensor:
+    """Per-view mean squared error of a reconstruction ``v`` against the true scene ``truth`` (both ``[..., dim]``)
+    through each camera: ``[..., len(cameras)]``. Its spread across views measures how isotropic the quality is."""
+    v, truth = torch.as_tensor(v, dtype=torch.float64), torch.as_tensor(truth, dtype=torch.float64)
+    if v.shape != truth.shape:
+        raise ValueError(f"v and truth must have the same shape, got {tuple(v.shape)} and {tuple(truth.shape)}")
+    cams = [_check_camera(P, "each camera") for P in cameras]
+    if not cams or any(P.shape[1] != v.shape[-1] for P in cams):
+        raise ValueError(f"cameras must be a non-empty list of [bins, {v.shape[-1]}] matrices")
+    return torch.stack([(((v - truth) @ P.T) ** 2).mean(-1) for P in cams], -1)
 
 
 # ----------------------------------------------------------------------------------------------- yardstick

@@ -240,3 +240,89 @@ def test_conditioned_prior_beats_no_prior_on_a_two_shape_scene():
     assert errs["conditioned"] < 0.5 * errs[None]
     with pytest.raises(ValueError, match="distill_prior"):
         sd.reconstruct_from_views(prior, cams, [2], y, distill_prior="mv", generator=torch.Generator())
+
+
+# ----------------------------------------------------------------------------------------------- Direct2.5
+def test_normal_camera_integrates_back_to_the_view():
+    P = sd.projection_matrix(6, 0.4)
+    N = sd.normal_camera(P)
+    assert N.shape == (P.shape[0] + 1, P.shape[1])
+    v = torch.rand(36, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    n = N @ v
+    torch.testing.assert_close(torch.cumsum(n, 0)[:-1], P @ v)  # integration gives the view back
+    assert abs(float(n.sum())) < 1e-12  # zero at both ends
+    with pytest.raises(ValueError, match="camera matrix"):
+        sd.normal_camera(torch.zeros(3))
+
+
+def test_fusion_operator_is_the_ridge_least_squares_solution():
+    cams = [sd.normal_camera(sd.projection_matrix(5, a)) for a in (0.0, 0.7, 1.4, 2.1)]
+    M = torch.cat(cams)
+    y = torch.randn(len(M), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    F = sd.fusion_operator(cams, ridge=0.01)
+    v = F @ y
+    grad = M.T @ (M @ v - y) + 0.01 * v  # normal equations of the ridge problem
+    assert float(grad.abs().max()) < 1e-10
+    with pytest.raises(ValueError, match="ridge"):
+        sd.fusion_operator(cams, ridge=0.0)
+
+
+def test_direct25_joint_views_are_consistent_and_independent_ones_are_not():
+    prior = _two_shape_prior(5)
+    cams = [sd.normal_camera(sd.projection_matrix(5, a)) for a in (0.0, 0.6, 1.2, 1.8, 2.4)]
+    j = sd.direct25(prior, cams, 8, generator=torch.Generator().manual_seed(0), steps=8)
+    i = sd.direct25(prior, cams, 8, generator=torch.Generator().manual_seed(0), steps=8, joint=False)
+    assert j.scenes.shape == (8, 25) and j.maps.shape == (8, 30)
+    assert (j.nfe, i.nfe) == (8, 40)
+    assert float(j.residual.max()) < 1e-3 < float(i.residual.mean())
+    # bit-identical under the same generator
+    j2 = sd.direct25(prior, cams, 8, generator=torch.Generator().manual_seed(0), steps=8)
+    assert torch.equal(j.scenes, j2.scenes)
+    with pytest.raises(TypeError, match="GMMDenoiser"):
+        sd.direct25(lambda x, s: x, cams, 2, generator=torch.Generator())
+    with pytest.raises(ValueError, match="fusion"):
+        sd.direct25(prior, cams, 2, generator=torch.Generator(), fusion=torch.zeros(3, 3))
+
+
+def test_shape_error_is_zero_on_the_shape_space_and_min_over_classes():
+    mu = torch.eye(2, 4, dtype=torch.float64)  # two classes in 4-D
+    B = torch.zeros(2, 4, 1, dtype=torch.float64)
+    B[0, 2, 0] = B[1, 3, 0] = 1.0  # each class varies along one axis
+    v = torch.tensor([[1.0, 0, 5.0, 0], [0, 1.0, 0, -2.0], [0, 0, 0, 0]], dtype=torch.float64)
+    torch.testing.assert_close(sd.shape_error(v, mu, B), torch.tensor([0.0, 0.0, 0.25], dtype=torch.float64))
+    with pytest.raises(ValueError, match="bases"):
+        sd.shape_error(v, mu, B[:, :3])
+
+
+# ----------------------------------------------------------------------------------------------- Isotropic3D
+def test_embedding_camera_moments_and_view_errors():
+    P = sd.projection_matrix(6, 0.3)
+    E = sd.embedding_camera(P, 2)
+    v = torch.rand(36, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    s = torch.linspace(-1, 1, 6, dtype=torch.float64)
+    torch.testing.assert_close(E @ v, torch.stack([(P @ v).sum(), (s * (P @ v)).sum()]))
+    with pytest.raises(ValueError, match="k must"):
+        sd.embedding_camera(P, 7)
+    cams = [P, sd.projection_matrix(6, 1.2)]
+    e = sd.view_errors(v[None].expand(3, 36), torch.zeros(3, 36, dtype=torch.float64), cams)
+    assert e.shape == (3, 2)
+    torch.testing.assert_close(e[0, 1], ((cams[1] @ v) ** 2).mean())
+    with pytest.raises(ValueError, match="same shape"):
+        sd.view_errors(v, v[:5], cams)
+
+
+def test_reconstruct_without_reference_loss_uses_all_views_and_validates():
+    prior = _two_shape_prior()
+    cams = [sd.projection_matrix(6, a) for a in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5)]
+    v = prior.sample(1, torch.Generator().manual_seed(1)).squeeze(0)
+    y = cams[0] @ v
+    emb = sd.condition_on_views(prior, sd.embedding_camera(cams[0], 2), sd.embedding_camera(cams[0], 2) @ v)
+    kw = dict(distill_prior=emb, n_steps=60, generator=torch.Generator().manual_seed(0))
+    iso = sd.reconstruct_from_views(prior, cams, [0], y, data_weight=0.0, sds_views="all", **kw)
+    ref = sd.reconstruct_from_views(prior, cams, [0], y, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    assert float(((cams[0] @ ref - y) ** 2).mean()) < float(((cams[0] @ iso - y) ** 2).mean())  # the loss pins view 0
+    assert float(((iso - v) ** 2).mean()) < float((v ** 2).mean())  # SDS alone still moves towards the scene
+    with pytest.raises(ValueError, match="sds_views"):
+        sd.reconstruct_from_views(prior, cams, [0], y, sds_views="some", generator=torch.Generator())
+    with pytest.raises(ValueError, match="data_weight"):
+        sd.reconstruct_from_views(prior, cams, [0], y, data_weight=-1.0, generator=torch.Generator())
