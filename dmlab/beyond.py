@@ -34,7 +34,9 @@ from torch import Tensor, nn
 __all__ = ["series_alphas_cumprod", "SeriesDenoiser", "train_series_model", "forecast", "refine", "crps",
            "seasonal_naive", "PDE_FAMILIES", "pde_trajectories", "TimeConditionedOperator", "all2all_pairs",
            "train_operator", "operator_error", "inject_anomalies", "reconstruction_scores",
-           "nearest_neighbour_scores", "auroc", "RolledDenoiser", "rolled", "tile_mosaic", "train_entry", "load_entry", "EntryModels"]
+           "nearest_neighbour_scores", "auroc", "RolledDenoiser", "rolled", "tile_mosaic", "SDE_KINDS",
+           "irregular_series", "missing_mask", "interpolate_path", "NeuralSDEClassifier", "GRUClassifier", "train_series_classifier", "classify_correct",
+           "train_entry", "load_entry", "EntryModels"]
 
 
 def _gen(generator, fn: str) -> torch.Generator:
@@ -482,6 +484,164 @@ def tile_mosaic(x: Tensor, reps: int = 2) -> Tensor:
     return x.repeat(1, 1, _int(reps, "reps", "tile_mosaic"), reps)
 
 
+# =============================================================================================== stable neural SDEs (8)
+SDE_KINDS = ("lsde", "lnsde", "gsde", "ode")
+
+
+def irregular_series(n: int, *, missing, generator: torch.Generator, length: int = 48,
+                     periods: tuple = (8, 12)) -> tuple[Tensor, Tensor, Tensor]:
+    """A two-class task on :func:`dmlab.data.seasonal_series` with points missing at random.
+
+    Each series draws a label ``k`` (uniform), then is a seasonal series of period ``periods[k]`` (level, trend,
+    harmonics and noise drawn as in ``seasonal_series``); every point except the first is then dropped with
+    probability ``missing`` (a number in ``[0, 1)`` or a tensor ``[n]`` of per-series rates). Returns
+    ``(values [n, L], mask [n, L], labels [n])`` with ``values`` 0 where ``mask`` is 0."""
+    from .data import seasonal_series
+
+    g = _gen(generator, "irregular_series")
+    _int(n, "n", "irregular_series")
+    rate = torch.as_tensor(missing, dtype=torch.float32).expand(n)
+    if not bool(((rate >= 0) & (rate < 1)).all()):
+        raise ValueError(f"irregular_series: missing rates must lie in [0, 1), got {missing!r}")
+    labels = torch.randint(0, len(periods), (n,), generator=g)
+    x = torch.stack([seasonal_series(n, length=length, period=p, generator=g) for p in periods])
+    x = x[labels, torch.arange(n)]
+    mask = missing_mask(rate, length, generator=g)
+    return x * mask, mask, labels
+
+
+def missing_mask(rate: Tensor, length: int, *, generator: torch.Generator) -> Tensor:
+    """Observation masks ``[n, length]`` (float 0/1): each point but the first is kept with probability
+    ``1 - rate[i]`` (the first is always observed, so every series has a start value)."""
+    g = _gen(generator, "missing_mask")
+    keep = (torch.rand(len(rate), length, generator=g) >= rate[:, None]).float()
+    keep[:, 0] = 1
+    return keep
+
+
+def interpolate_path(values: Tensor, mask: Tensor) -> Tensor:
+    """The control path of an irregular series on its grid: linear interpolation between observed points, held
+    constant after the last one (``[B, L]``; the paper uses cubic splines of the observations, as Neural CDEs).
+    The first point must be observed."""
+    if values.shape != mask.shape or values.ndim != 2:
+        raise ValueError("interpolate_path: values and mask must both be [B, L]")
+    if not bool((mask[:, 0] > 0).all()):
+        raise ValueError("interpolate_path: the first point of every series must be observed (mask[:, 0] = 1)")
+    B, L = values.shape
+    idx = torch.arange(L).expand(B, L)
+    obs = mask > 0
+    prev = torch.where(obs, idx, -1).cummax(1).values
+    nxt = torch.where(obs, idx, L).flip(1).cummin(1).values.flip(1)
+    nxt = torch.where(nxt >= L, prev, nxt)
+    vp, vn = values.gather(1, prev), values.gather(1, nxt)
+    w = torch.where(nxt > prev, (idx - prev).float() / (nxt - prev).clamp(min=1).float(), torch.zeros(()))
+    return vp + w * (vn - vp)
+
+
+class NeuralSDEClassifier(nn.Module):
+    """A neural SDE classifier of irregular series (Oh, Lim & Kim, "Stable Neural Stochastic Differential Equations
+    in Analyzing Irregular Time Series Data", ICLR 2024; paper 8).
+
+    The latent ``z [B, hidden]`` starts at ``z0 = W c(0)`` and follows, on the observation grid ``t_i = T i / (L - 1)`` (``T = horizon``),
+    one of the paper's stable classes, with the control ``c(t) = [X(t), dX(t), m(t)]`` (interpolated path, its increment over the last grid step and
+    the mask)
+    entering the drift ``gamma(z, c) = tanh(MLP([z, c]))``:
+
+    * ``"lsde"`` (Langevin-type): ``dz = gamma(z, c) dt + sigma(t) dW`` (additive noise);
+    * ``"lnsde"`` (linear noise): ``dz = gamma(z, c) dt + sigma(t) * z dW``;
+    * ``"gsde"`` (geometric): ``dz = gamma(z, c) * z dt + sigma(t) * z dW``;
+    * ``"ode"``: the neural ODE with the same drift, ``dz = gamma(z, c) dt`` (no diffusion network).
+
+    ``sigma(t) = sigma_max * sigmoid(a t / T + b)`` per channel is bounded, as in the paper. Solved by
+    Euler-Maruyama with ``dt = T / (L - 1)`` (one step per grid point) and Brownian increments ``sqrt(dt) eps``; the logits are a linear head on ``z(T)``.
+    ``forward(values, mask, noise=None)``: ``noise [B, L-1, hidden]`` standard normals (``None``: zero noise, the
+    drift-only path). Re-implemented from the paper's equations (official code: yongkyung-oh/Stable-Neural-SDEs,
+    which solves the same classes with ``torchsde``)."""
+
+    def __init__(self, kind: str, hidden: int = 16, width: int = 32, n_classes: int = 2, sigma_max: float = 0.5,
+                 horizon: float = 8.0):
+        super().__init__()
+        if kind not in SDE_KINDS:
+            raise ValueError(f"NeuralSDEClassifier: kind must be one of {SDE_KINDS}, got {kind!r}")
+        self.kind, self.hidden, self.sigma_max = kind, _int(hidden, "hidden", "NeuralSDEClassifier"), sigma_max
+        self.horizon = float(horizon)
+        self.init = nn.Linear(3, hidden)
+        self.drift = nn.Sequential(nn.Linear(hidden + 3, width), nn.Tanh(), nn.Linear(width, hidden), nn.Tanh())
+        self.sigma = None if kind == "ode" else nn.Linear(1, hidden)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, values: Tensor, mask: Tensor, noise: Tensor | None = None) -> Tensor:
+        X = interpolate_path(values, mask)
+        B, L = X.shape
+        if noise is not None and noise.shape != (B, L - 1, self.hidden):
+            raise ValueError(f"NeuralSDEClassifier: noise must be [B, L-1, hidden] = {(B, L - 1, self.hidden)}, "
+                             f"got {tuple(noise.shape)}")
+        c = torch.stack([X, torch.diff(X, dim=1, prepend=X[:, :1]), mask.to(X.dtype)], 2)
+        z, dt = self.init(c[:, 0]), self.horizon / (L - 1)
+        for i in range(L - 1):
+            f = self.drift(torch.cat([z, c[:, i]], 1))
+            dz = (f * z if self.kind == "gsde" else f) * dt
+            if self.sigma is not None and noise is not None:
+                s = self.sigma_max * torch.sigmoid(self.sigma(torch.full((1, 1), i / (L - 1))))
+                dz = dz + (s if self.kind == "lsde" else s * z) * math.sqrt(dt) * noise[:, i]
+            z = z + dz
+        return self.head(z)
+
+
+class GRUClassifier(nn.Module):
+    """The discrete-time baseline: a GRU over the grid with inputs ``[x * m, m]`` (the value where observed, 0
+    otherwise, and the mask), a linear head on the last state. ``forward(values, mask, noise=None)`` (``noise``
+    is ignored: same call as :class:`NeuralSDEClassifier`)."""
+
+    def __init__(self, hidden: int = 18, n_classes: int = 2):
+        super().__init__()
+        self.hidden = _int(hidden, "hidden", "GRUClassifier")
+        self.gru = nn.GRU(2, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, n_classes)
+
+    def forward(self, values: Tensor, mask: Tensor, noise: Tensor | None = None) -> Tensor:
+        m = mask.to(values.dtype)
+        return self.head(self.gru(torch.stack([values * m, m], 2))[0][:, -1])
+
+
+def train_series_classifier(model: nn.Module, values: Tensor, labels: Tensor, *, steps: int, rates=(0.0, 0.3, 0.5, 0.7),
+                            batch_size: int = 64, lr: float = 3e-3, seed: int = 0, progress: bool = False):
+    """Train a series classifier with :func:`dmlab.train.fit` (cross-entropy, Adam, cosine) on complete series
+    ``values [n, L]``; every batch draws a missing rate per series from ``rates``, fresh masks
+    (:func:`missing_mask`) and, for SDE models, fresh Brownian increments, all from the run's generator.
+    Returns ``(model, FitResult)``."""
+    from .train import FitConfig, fit
+
+    if not (isinstance(values, Tensor) and values.ndim == 2 and labels.shape == values.shape[:1]):
+        raise ValueError("train_series_classifier: values must be [n, L] and labels [n]")
+    r = torch.as_tensor(rates, dtype=torch.float32)
+    n, L = values.shape
+    width = getattr(model, "hidden")
+
+    def data(g):
+        i = torch.randint(0, n, (batch_size,), generator=g)
+        m = missing_mask(r[torch.randint(0, len(r), (batch_size,), generator=g)], L, generator=g)
+        return {"x": values[i] * m, "m": m, "y": labels[i], "eps": torch.randn(batch_size, L - 1, width, generator=g)}
+
+    def loss(b):
+        return nn.functional.cross_entropy(model(b["x"], b["m"], b["eps"]), b["y"])
+
+    cfg = FitConfig(steps=steps, lr=lr, schedule="cosine", warmup=min(50, steps // 10), grad_clip=1.0,
+                    progress=progress, desc=getattr(model, "kind", "gru"))
+    res = fit(loss, model, cfg, generator=torch.Generator().manual_seed(2000 + seed), data=data)
+    return model.eval(), res
+
+
+@torch.no_grad()
+def classify_correct(model: nn.Module, values: Tensor, mask: Tensor, labels: Tensor, *,
+                     generator: torch.Generator) -> Tensor:
+    """Per-series correctness ``[B]`` (float64 0/1) of one stochastic forward pass (one Brownian path drawn from
+    ``generator``; deterministic models ignore it)."""
+    g = _gen(generator, "classify_correct")
+    noise = torch.randn(values.shape[0], values.shape[1] - 1, getattr(model, "hidden"), generator=g)
+    return (model(values * mask, mask, noise).argmax(1) == labels).double()
+
+
 # =============================================================================================== zoo entries
 def _prefixed(state: dict, prefix: str) -> dict:
     return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in state.items()}
@@ -493,8 +653,8 @@ def _unprefixed(state: dict, prefix: str) -> dict:
 
 
 def train_entry(config: dict, *, progress: bool = False) -> tuple[dict, dict]:
-    """Train every model of one chapter-32 zoo entry from its recipe ``config`` (``config["task"]``: ``"tsdiff"``
-    or ``"poseidon"``). Returns ``(state, log)``: one flat dict of tensors for safetensors and a JSON-able log."""
+    """Train every model of one chapter-32 zoo entry from its recipe ``config`` (``config["task"]``: ``"tsdiff"``,
+    ``"poseidon"`` or ``"sde"``). Returns ``(state, log)``: one flat dict of tensors for safetensors and a JSON-able log."""
     from .data import seasonal_series
 
     task = config.get("task")
@@ -530,7 +690,26 @@ def train_entry(config: dict, *, progress: bool = False) -> tuple[dict, dict]:
                     state.update(_prefixed(m2.state_dict(), f"{name}.n{n}.s{s}"))
                     log["final_loss"][f"{name}.n{n}.s{s}"] = round(r2.curve[-1][1], 6)
         return state, log
-    raise ValueError(f"train_entry: config['task'] must be 'tsdiff' or 'poseidon', got {task!r}")
+    if task == "sde":
+        x, _, y = irregular_series(config["n_train"], missing=0.0,
+                                   generator=torch.Generator().manual_seed(config["data_seed"]))
+        for s in config["seeds"]:
+            for kind in config["models"]:
+                torch.manual_seed(s)
+                m = _series_classifier(kind, config)
+                m, res = train_series_classifier(m, x, y, steps=config["steps"], rates=config["rates"],
+                                                 batch_size=config["batch"], lr=config["lr"], seed=s,
+                                                 progress=progress)
+                state.update(_prefixed(m.state_dict(), f"{kind}.s{s}"))
+                log["final_loss"][f"{kind}.s{s}"] = round(res.curve[-1][1], 6)
+        return state, log
+    raise ValueError(f"train_entry: config['task'] must be 'tsdiff', 'poseidon' or 'sde', got {task!r}")
+
+
+def _series_classifier(kind: str, config: dict) -> nn.Module:
+    if kind == "gru":
+        return GRUClassifier(hidden=config["gru_hidden"])
+    return NeuralSDEClassifier(kind, hidden=config["hidden"])
 
 
 class EntryModels(dict):
@@ -550,7 +729,8 @@ class EntryModels(dict):
 def load_entry(state: dict, config: dict) -> EntryModels:
     """The models of a chapter-32 zoo entry (:func:`train_entry`), in eval mode. ``tsdiff``:
     ``{"unconditional": [per seed], "conditional": [...]}``; ``poseidon``: ``{"pretrained": [per seed],
-    "finetuned": {n: [per seed]}, "scratch": {n: [per seed]}}``."""
+    "finetuned": {n: [per seed]}, "scratch": {n: [per seed]}}``; ``sde``: ``{kind: [per seed]}`` for the neural
+    SDE/ODE classifiers and the GRU."""
     def build(cls, prefix):
         m = cls(hidden=config["hidden"])
         m.load_state_dict(_unprefixed(state, prefix))
@@ -560,6 +740,13 @@ def load_entry(state: dict, config: dict) -> EntryModels:
     if config.get("task") == "tsdiff":
         return EntryModels({k: [build(SeriesDenoiser, f"{k}.s{s}") for s in seeds]
                             for k in ("unconditional", "conditional")})
+    if config.get("task") == "sde":
+        def build_c(kind, s):
+            m = _series_classifier(kind, config)
+            m.load_state_dict(_unprefixed(state, f"{kind}.s{s}"))
+            return m.eval().requires_grad_(False)
+
+        return EntryModels({k: [build_c(k, s) for s in seeds] for k in config["models"]})
     if config.get("task") == "poseidon":
         op = TimeConditionedOperator
         return EntryModels({"pretrained": [build(op, f"pretrained.s{s}") for s in seeds],

@@ -177,3 +177,53 @@ def test_full_scale_path_on_config_built_unet():
     with torch.no_grad():
         out = samplers.sample_euler(r, z, sig, cond=cond)
     assert out.shape == shape and torch.isfinite(out).all() and r.stats["calls"] == len(sig) - 1
+
+
+# ------------------------------------------------------------------------------------------- stable neural SDEs (8)
+def test_interpolate_path_is_linear_between_observations_and_held_after_the_last():
+    v = torch.tensor([[0.0, 9.0, 2.0, 9.0, 9.0, 9.0]])
+    m = torch.tensor([[1.0, 0.0, 1.0, 0.0, 0.0, 0.0]])
+    assert torch.allclose(B.interpolate_path(v * m, m), torch.tensor([[0.0, 1.0, 2.0, 2.0, 2.0, 2.0]]))
+    with pytest.raises(ValueError, match="first point"):
+        B.interpolate_path(v, torch.zeros_like(m))
+
+
+def test_irregular_series_rates_labels_and_errors():
+    x, m, y = B.irregular_series(400, missing=0.5, generator=torch.Generator().manual_seed(0))
+    assert x.shape == m.shape == (400, 48) and set(y.tolist()) == {0, 1}
+    assert bool((m[:, 0] == 1).all()) and abs(float(m[:, 1:].mean()) - 0.5) < 0.03
+    assert bool((x[m == 0] == 0).all())
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        B.irregular_series(4, missing=1.0, generator=torch.Generator())
+    with pytest.raises(TypeError, match="torch.Generator"):
+        B.irregular_series(4, missing=0.1, generator=0)
+
+
+def test_sde_classes_reduce_to_the_ode_without_noise_and_differ_with_it():
+    x, m, _ = B.irregular_series(8, missing=0.3, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    sde = B.NeuralSDEClassifier("lnsde")
+    ode = B.NeuralSDEClassifier("ode")
+    ode.load_state_dict({k: v for k, v in sde.state_dict().items() if not k.startswith("sigma.")})
+    zero = torch.zeros(8, 47, 16)
+    assert torch.equal(sde(x, m, zero), ode(x, m, None)) and torch.equal(ode(x, m, zero), ode(x, m))
+    eps = torch.randn(8, 47, 16, generator=torch.Generator().manual_seed(2))
+    assert not torch.allclose(sde(x, m, eps), ode(x, m))
+    lsde = B.NeuralSDEClassifier("lsde")
+    assert torch.equal(lsde(x, m, eps), lsde(x, m, eps.clone()))  # Euler-Maruyama is deterministic given the noise
+    with pytest.raises(ValueError, match="kind must be one of"):
+        B.NeuralSDEClassifier("naive")
+    with pytest.raises(ValueError, match="noise must be"):
+        sde(x, m, torch.zeros(8, 48, 16))
+
+
+def test_series_classifier_training_learns_and_is_reproducible():
+    x, _, y = B.irregular_series(256, missing=0.0, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m, res = B.train_series_classifier(B.GRUClassifier(8), x, y, steps=10, batch_size=16, seed=0)
+        runs.append(torch.cat([p.flatten() for p in m.parameters()]))
+    assert torch.equal(runs[0], runs[1]) and res.curve[-1][0] == 10
+    c = B.classify_correct(m, x[:16], torch.ones(16, 48), y[:16], generator=torch.Generator())
+    assert c.dtype == torch.float64 and c.shape == (16,)
