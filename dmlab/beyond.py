@@ -22,6 +22,10 @@
 * **Tileable sampling by rolling** (Vecchio, "StableMaterials", 2024; paper 72): the state is rolled by a random
   circular offset before every denoiser call and rolled back after (:class:`RolledDenoiser`), so the wrap-around
   border of the image is denoised as an interior region and the output tiles without seams.
+* **Stable neural SDEs** (Oh, Lim & Kim, ICLR 2024; paper 8): neural SDE classifiers of irregularly sampled series
+  in the paper's stable classes (Langevin-type, linear-noise, geometric), solved by Euler-Maruyama, with the neural
+  ODE of the same drift and a GRU as competitors: :func:`irregular_series`, :func:`interpolate_path`,
+  :class:`NeuralSDEClassifier`, :class:`GRUClassifier`, :func:`train_series_classifier`, :func:`classify_correct`.
 """
 from __future__ import annotations
 
