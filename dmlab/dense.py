@@ -42,6 +42,12 @@ __all__ = [
     "Refiner",
     "train_refiner",
     "fit_intrinsics",
+    "CALIB_METHODS",
+    "train_calib",
+    "predict_camera_image",
+    "predict_intrinsics",
+    "train_calib_suite",
+    "load_calib_suite",
     "train_dense_suite",
     "load_dense_suite",
 ]
@@ -330,6 +336,112 @@ def fit_intrinsics(camera_image: Tensor, *, iters: int = 200, tol: float = 0.01,
         f = 1.0 / slope
         out[:, c], out[:, 2 + c] = f, mx - my * f  # tan = (x - cx) / f  ->  cx = x - tan * f at the mean
     return out
+
+
+CALIB_METHODS = ("camera", "regress")
+
+
+def _k_code(K: Tensor, size: int) -> Tensor:
+    """``(f, cx, cy)`` in pixels -> a ``[B, 3]`` code in about ``[-1, 1]`` for the scenes' default ranges."""
+    f = (K[:, 0, 0] + K[:, 1, 1]) / 2
+    return torch.stack([(f / size - 1.2) / 0.4, (K[:, 0, 2] / size - 0.5) / 0.1,
+                        (K[:, 1, 2] / size - 0.5) / 0.1], 1).float()
+
+
+def _k_decode(code: Tensor, size: int) -> Tensor:
+    c = code.double()
+    return torch.stack([(c[:, 0] * 0.4 + 1.2) * size, (c[:, 1] * 0.1 + 0.5) * size,
+                        (c[:, 2] * 0.1 + 0.5) * size], 1)
+
+
+def _calib_net(method: str, width: int) -> DenseNet:
+    if method not in CALIB_METHODS:
+        raise ValueError(f"method must be one of {CALIB_METHODS} ('camera': predict the incidence map and fit K "
+                         f"to it, 'regress': regress (f, cx, cy) directly), got {method!r}")
+    return DenseNet(c_tgt=0, c_out=2 if method == "camera" else 3, width=width)
+
+
+def _calib_forward(net: DenseNet, method: str, images: Tensor) -> Tensor:
+    z = images.new_zeros(images.shape[0], 0, *images.shape[-2:])
+    out = net(images, z, torch.zeros(len(images), dtype=torch.long))
+    return out if method == "camera" else out.mean((2, 3))  # regression: global average of a 3-channel map
+
+
+def train_calib(method: str, images: Tensor, K: Tensor, *, steps: int, batch: int, lr: float,
+                generator: torch.Generator, width: int = 16):
+    """DM-Calib's representation against direct regression at one budget (paper 43, scaled down and one-step):
+    ``"camera"`` trains a :class:`DenseNet` (no noise input, one call, as Lotus-D) to map the image to its camera
+    image (:func:`dmlab.scenes.incidence_map`, 2 channels); ``"regress"`` trains the same network with 3 output
+    channels, averaged over pixels, to regress a normalised ``(f, cx, cy)``. Same data, steps, batch, width and
+    loop (:func:`dmlab.train.fit`). Returns ``(net, fit_result)``."""
+    from .scenes import incidence_map
+    from .train import FitConfig, fit
+
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("train_calib: generator must be a torch.Generator")
+    if K.ndim != 3 or K.shape != (images.shape[0], 3, 3):
+        raise ValueError(f"train_calib: K must be [N, 3, 3] matching images [N, 3, H, W], got {tuple(K.shape)}")
+    net = _init(lambda: _calib_net(method, width), generator)
+    size = images.shape[-1]
+    y = incidence_map(K, size).float() if method == "camera" else _k_code(K, size)
+
+    def data(g):
+        idx = torch.randint(len(images), (batch,), generator=g)
+        return images[idx], y[idx]
+
+    cfg = FitConfig(steps=steps, lr=lr, schedule="cosine", warmup=min(50, steps // 10), desc=f"calib {method}")
+    res = fit(lambda b: F.mse_loss(_calib_forward(net, method, b[0]), b[1]), net, cfg, generator=generator,
+              data=data)
+    return net.eval(), res
+
+
+@torch.no_grad()
+def predict_camera_image(net: DenseNet, images: Tensor) -> Tensor:
+    """The camera image ``[B, 2, H, W]`` (incidence angles, radians) a ``"camera"`` :func:`train_calib` network
+    predicts for ``images``, in one call."""
+    if net.out.out_channels != 2:
+        raise ValueError("predict_camera_image: net must be a 'camera' calibration net (2 output channels)")
+    return _calib_forward(net, "camera", images)
+
+
+@torch.no_grad()
+def predict_intrinsics(net: DenseNet, method: str, images: Tensor, *,
+                       generator: torch.Generator | None = None, iters: int = 200) -> Tensor:
+    """``(f, cx, cy)`` in pixels, ``[B, 3]`` float64, from a :func:`train_calib` network: for ``"camera"`` the
+    predicted camera image is fitted by :func:`fit_intrinsics` (RANSAC when ``generator`` is given; ``f`` is the
+    mean of ``fx`` and ``fy``; ``iters`` RANSAC hypotheses); for ``"regress"`` the code is decoded."""
+    _calib_net(method, 1)  # checks the method name
+    out = _calib_forward(net, method, images)
+    if method == "regress":
+        return _k_decode(out, images.shape[-1])
+    k = fit_intrinsics(out, generator=generator, iters=iters)
+    return torch.stack([(k[:, 0] + k[:, 1]) / 2, k[:, 2], k[:, 3]], 1)
+
+
+def train_calib_suite(cfg: dict, progress: bool = False) -> tuple[dict, dict]:
+    """Chapter 29's DM-Calib entry for one training seed ``cfg["seed"]``: both :data:`CALIB_METHODS` on the same
+    rendered scenes (random focal length and principal point), same budget. ``(state_dict, log)``."""
+    from .scenes import render_scenes
+
+    b = render_scenes(cfg["n_train"], generator=torch.Generator().manual_seed(cfg["data_seed"]), size=cfg["size"])
+    state, log = {}, {}
+    for k, m in enumerate(CALIB_METHODS):
+        g = torch.Generator().manual_seed(1000 * cfg["seed"] + 50 + k)
+        net, res = train_calib(m, b.image, b.K, steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                               width=cfg["width"], generator=g)
+        state.update({f"{m}.{n}": p.detach().clone() for n, p in net.state_dict().items()})
+        log[m] = round(sum(res.losses[-50:]) / len(res.losses[-50:]), 5)
+    return state, log
+
+
+def load_calib_suite(state: dict, cfg: dict) -> nn.ModuleDict:
+    """``{"camera": DenseNet, "regress": DenseNet}`` (eval mode) from a :func:`train_calib_suite` state dict."""
+    out = nn.ModuleDict()
+    for m in CALIB_METHODS:
+        net = _calib_net(m, cfg["width"])
+        net.load_state_dict({k[len(m) + 1:]: v for k, v in state.items() if k.startswith(m + ".")})
+        out[m] = net
+    return out.eval()
 
 
 # ----------------------------------------------------------------------------------------------- the zoo entry

@@ -317,15 +317,19 @@ class FinetuneResult:
 
 def finetune(model: nn.Module, method: str, x0: Tensor, labels: Tensor, alphas_cumprod: Tensor, *, steps: int,
              lr: float, seed: int, batch_size: int = 32, p_uncond: float = 0.1, null_class: int = 10,
-             **method_kw) -> FinetuneResult:
+             regularizer=None, **method_kw) -> FinetuneResult:
     """Fine-tune a copy of ``model`` on ``(x0, labels)`` with ``method`` for ``steps`` Adam steps at ``lr`` (constant
     after no warmup) through :func:`dmlab.train.fit`. Every draw comes from ``torch.Generator().manual_seed(seed)``
     (the same batches for every method at one seed). SaRA's progressive schedule splits the steps into two halves
-    (one ``fit`` call each, the generator carried on). Returns a :class:`FinetuneResult`."""
+    (one ``fit`` call each, the generator carried on). ``regularizer(model, batch) -> Tensor``, if given, is added
+    to the loss (e.g. :class:`dmlab.guidance.StepVariationRegularizer`). Returns a :class:`FinetuneResult`."""
     from .train import FitConfig, ddpm_batch, fit
 
     if not (isinstance(steps, int) and steps >= 2):
         raise ValueError(f"steps must be an int >= 2, got {steps!r}")
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError("regularizer must be a callable (model, batch) -> Tensor, e.g. "
+                        "dmlab.guidance.StepVariationRegularizer()")
     ad = adapt(model, method, init_seed=seed, **method_kw)
     gen = torch.Generator().manual_seed(seed)
 
@@ -334,7 +338,8 @@ def finetune(model: nn.Module, method: str, x0: Tensor, labels: Tensor, alphas_c
                           null_class=null_class)
 
     def loss(b):
-        return ddpm_loss(ad.model, b) + ad.penalty()
+        out = ddpm_loss(ad.model, b) + ad.penalty()
+        return out if regularizer is None else out + regularizer(ad.model, b)
 
     phases = [steps] if ad.stage is None else [steps // 2, steps - steps // 2]
     losses, seconds = [], 0.0

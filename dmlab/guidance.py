@@ -14,6 +14,12 @@ estimate with a calibrated classifier, and a learned initial-noise distribution.
 * :class:`NoisePolicy` and :func:`find_loss` -- FIND (:cite:`chen2024find`): the sampler and model stay frozen; the
   initial noise is drawn from a learned Gaussian ``N(mu, diag(s^2))`` whose parameters maximise a reward of the
   final sample by policy gradient with PPO-style ratio clipping; trained with :func:`dmlab.train.fit`.
+* :class:`StepVariationRegularizer` -- Smooth Diffusion's step-wise variation regularisation
+  (:cite:`guo2024smooth`): during training, the change of the one-step estimate ``x0_hat`` per unit change of the
+  input noise, measured along a random direction (a vector-Jacobian product), is pulled towards a constant (an EMA
+  of its own mean), a path-length penalty in the style of StyleGAN2's. Pass it to
+  :func:`dmlab.finetuning.finetune` as ``regularizer=``; :func:`slerp` and :func:`path_variation` measure the
+  smoothness of interpolations, :func:`ddim_invert` is the deterministic inversion whose error it should lower.
 
 Every function takes denoisers ``D(x, sigma, **cond)`` in the VE convention of :mod:`dmlab.denoisers`; the samplers
 are Euler (DDIM with eta = 0) steps of the probability-flow ODE, as :func:`dmlab.samplers.sample_euler`.
@@ -32,7 +38,7 @@ from .schedules import schedule_floats
 
 __all__ = ["reflect", "sample_w2sd", "w2sd_calls", "ClassifierGuidance", "classifier_guidance",
            "calibrated_log_likelihood", "fit_temperature", "expected_calibration_error", "NoisePolicy",
-           "find_loss"]
+           "find_loss", "StepVariationRegularizer", "step_variation", "slerp", "path_variation", "ddim_invert"]
 
 
 def _check_denoiser(d, name: str) -> None:
@@ -263,3 +269,106 @@ def find_loss(policy: NoisePolicy, z: Tensor, reward: Tensor, old_log_prob: Tens
     adv = (reward - reward.mean()) / (reward.std() + 1e-8)
     ratio = (policy.log_prob(z) - old_log_prob.detach()).exp()
     return -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
+
+
+# ----------------------------------------------------------------------------------------------- Smooth Diffusion
+def step_variation(model: nn.Module, batch: dict, n: Tensor) -> Tensor:
+    """Per-sample ``||d <x0_hat, n> / d x||`` for a DDPM eps-model on a :func:`dmlab.train.ddpm_batch` (keys
+    ``x0, eps, ac, t`` and ``y`` for class labels): the gradient of the one-step estimate ``x0_hat = (x_t -
+    sqrt(1 - ac) eps_theta(x_t)) / sqrt(ac)`` along direction ``n`` with respect to the input noise, divided by the
+    noise level ``sigma = sqrt((1 - ac) / ac)`` so that it is the output change per unit change of the (VE) input
+    ``x = x0 + sigma eps`` (Smooth Diffusion, :cite:`guo2024smooth`). Differentiable (``create_graph=True``)."""
+    for k in ("x0", "eps", "ac", "t"):
+        if k not in batch:
+            raise ValueError(f"batch needs key {k!r}: build it with dmlab.train.ddpm_batch")
+    if n.shape != batch["x0"].shape:
+        raise ValueError(f"direction n must have the batch's shape {tuple(batch['x0'].shape)}, got {tuple(n.shape)}")
+    ac = batch["ac"]
+    eps = batch["eps"].detach().clone().requires_grad_(True)
+    xt = ac.sqrt() * batch["x0"] + (1 - ac).sqrt() * eps
+    cond = {"class_labels": batch["y"]} if "y" in batch else {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU attention kernels have no double backward
+        out = model(xt, batch["t"], **cond)
+    out = out.sample if hasattr(out, "sample") else out
+    x0_hat = (xt - (1 - ac).sqrt() * out[:, : xt.shape[1]]) / ac.sqrt()
+    (g,) = torch.autograd.grad((x0_hat * n).sum(), eps, create_graph=True)
+    sigma = ((1 - ac) / ac).sqrt().flatten()
+    return g.flatten(1).norm(dim=1) / sigma
+
+
+class StepVariationRegularizer:
+    """Smooth Diffusion's step-wise variation regularisation (:cite:`guo2024smooth`): ``L_reg = mean (||g|| - a)^2``
+    with ``g`` from :func:`step_variation` along a random direction ``n ~ N(0, I) / sqrt(dim)`` (StyleGAN2's
+    path-length normalisation) and ``a <- a + decay (mean ||g|| - a)`` an EMA target (so the ratio of output to input
+    variation is pushed to a constant, not to zero). ``weight`` multiplies the penalty; ``n_reg`` rows of each batch
+    are used (the double backward is the cost); directions come from its own seeded generator.
+
+    Call as ``reg(model, batch) -> Tensor``, e.g. ``dmlab.finetuning.finetune(..., regularizer=reg)``."""
+
+    def __init__(self, weight: float = 1.0, *, decay: float = 0.01, n_reg: int = 8, seed: int = 0):
+        if not weight > 0:
+            raise ValueError(f"weight must be > 0 (the paper uses 1.0), got {weight!r}")
+        if not 0 < decay <= 1:
+            raise ValueError(f"decay must lie in (0, 1], e.g. 0.01, got {decay!r}")
+        if not (isinstance(n_reg, int) and n_reg >= 1):
+            raise ValueError(f"n_reg must be an int >= 1, got {n_reg!r}")
+        self.weight, self.decay, self.n_reg = float(weight), float(decay), n_reg
+        self.generator = torch.Generator().manual_seed(seed)
+        self.a: float | None = None
+        self.history: list[float] = []
+
+    def __call__(self, model: nn.Module, batch: dict) -> Tensor:
+        sub = {k: (v[: self.n_reg] if torch.is_tensor(v) and v.ndim and v.shape[0] == batch["x0"].shape[0] else v)
+               for k, v in batch.items()}
+        n = torch.randn(sub["x0"].shape, generator=self.generator, dtype=sub["x0"].dtype)
+        n = n / math.sqrt(n[0].numel())
+        g = step_variation(model, sub, n)
+        m = float(g.detach().mean())
+        self.a = m if self.a is None else self.a + self.decay * (m - self.a)
+        self.history.append(m)
+        return self.weight * ((g - self.a) ** 2).mean()
+
+
+def slerp(z0: Tensor, z1: Tensor, k: int) -> Tensor:
+    """``k`` spherical interpolations between noises ``z0`` and ``z1`` (same shape ``[n, ...]``): ``[k, n, ...]``,
+    the endpoints included (the interpolation used to walk a diffusion model's latent space)."""
+    if z0.shape != z1.shape:
+        raise ValueError(f"z0 and z1 must have the same shape, got {tuple(z0.shape)} and {tuple(z1.shape)}")
+    if not (isinstance(k, int) and k >= 2):
+        raise ValueError(f"k must be an int >= 2 (the endpoints), got {k!r}")
+    a, b = z0.flatten(1), z1.flatten(1)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    th = cos.clamp(-1 + 1e-7, 1 - 1e-7).acos()[None, :, None]
+    w = torch.linspace(0, 1, k, dtype=a.dtype)[:, None, None]
+    out = (((1 - w) * th).sin() * a + (w * th).sin() * b) / th.sin()
+    return out.view(k, *z0.shape)
+
+
+def path_variation(feats: Tensor) -> tuple[Tensor, Tensor]:
+    """For feature paths ``[k, n, d]`` (one per interpolation): the mean step length ``[n]`` and the
+    interpolation-smoothness score ``[n]`` = standard deviation of the ``k - 1`` step lengths over their mean (an
+    ISTD-like score of :cite:`guo2024smooth`, scale-free: 0 when the path moves at constant speed)."""
+    if feats.ndim != 3 or feats.shape[0] < 3:
+        raise ValueError(f"feats must be [k >= 3, n, d] (paths of features), got {tuple(feats.shape)}")
+    step = (feats[1:] - feats[:-1]).norm(dim=2)
+    return step.mean(0), step.std(0) / step.mean(0).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def ddim_invert(denoiser: Callable, x0: Tensor, sigmas: Tensor, *, cond: dict | None = None) -> Tensor:
+    """Deterministic DDIM inversion (Euler steps of the probability-flow ODE run upwards, VE convention) of clean
+    ``x0`` through the increasing reverse of ``sigmas`` (a decreasing sampler schedule ending at 0): returns the
+    latent at ``sigmas[0]``; :func:`dmlab.samplers.sample_euler` on the same schedule maps it back."""
+    _check_denoiser(denoiser, "denoiser")
+    s = schedule_floats(sigmas)
+    if s[-1] != 0 or any(a <= b for a, b in zip(s[:-1], s[1:])):
+        raise ValueError("sigmas must decrease strictly to a final 0 (a sampler schedule)")
+    cond, x = cond or {}, x0.clone()
+    up = s[::-1]
+    for lo, hi in zip(up[:-1], up[1:]):
+        ref = max(lo, up[1])  # at sigma 0 the ODE's direction is read at the first positive level
+        d = (x - denoiser(x, as_sigma(ref, x), **cond)) / ref
+        x = x + (hi - lo) * d
+    return x

@@ -4,6 +4,7 @@ import torch
 
 from dmlab import beyond as B
 from dmlab.data import seasonal_series
+from tiny_models import tiny_sd_unet
 
 
 def g(s=0):
@@ -157,16 +158,12 @@ def test_full_scale_path_on_config_built_unet():
     """The full-scale cell's path: SD's denoiser (sd_guided) wrapped by the rolling, sampled, on a tiny UNet."""
     import types
 
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     from dmlab import samplers, schedules
     from dmlab.samplers.fullscale import sd_guided
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                attention_head_dim=2, norm_num_groups=4).eval()
+    unet = tiny_sd_unet()
     emb = {p: torch.randn(1, 3, 8, generator=g(len(p))) for p in ("", "a brick wall")}
     pipe = types.SimpleNamespace(unet=unet, scheduler=DDPMScheduler(), encode_prompt=lambda ps, d, n, c, neg: (
         torch.cat([emb[p] for p in ps]), torch.cat([emb[p] for p in neg])))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dmlab import dense, scenes
+from tiny_models import tiny_sd_unet
 
 
 class _Oracle(torch.nn.Module):
@@ -60,15 +61,9 @@ def test_metrics_are_exact():
 
 
 def test_preimage_on_a_config_built_sd_unet_and_refiner():
-    from diffusers import UNet2DConditionModel
-
     from dmlab.denoisers import DiscreteVPDenoiser
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                attention_head_dim=4, norm_num_groups=4).eval()
+    unet = tiny_sd_unet(attention_head_dim=4)
     D = DiscreteVPDenoiser(unet, dense._alphas_cumprod())
     lat = torch.randn(3, 4, 8, 8)
     cond = {"encoder_hidden_states": torch.randn(3, 2, 8)}
@@ -107,3 +102,47 @@ def test_fit_intrinsics_recovers_K_exactly_and_robustly():
     rough = dense.fit_intrinsics(bad)
     robust = dense.fit_intrinsics(bad, generator=torch.Generator().manual_seed(1))
     assert (robust - want).abs().max() < 0.01 and (rough - want).abs().max() > 1.0
+
+
+class _CamOracle(torch.nn.Module):
+    """A 'camera' calibration net that outputs the exact camera image of known intrinsics."""
+
+    def __init__(self, K):
+        super().__init__()
+        self.K, self.out = K, torch.nn.Conv2d(1, 2, 1)
+
+    def forward(self, image, x_t, t, task=None):
+        return scenes.incidence_map(self.K, image.shape[-1]).float()
+
+
+def test_predict_intrinsics_reads_an_exact_camera_image_back():
+    K = scenes.intrinsics(torch.tensor([30.0, 45.0]), torch.tensor([15.0, 17.0]), torch.tensor([17.5, 14.5]))
+    img = torch.zeros(2, 3, 32, 32)
+    got = dense.predict_intrinsics(_CamOracle(K), "camera", img, generator=torch.Generator().manual_seed(0))
+    want = torch.stack([K[:, 0, 0], K[:, 0, 2], K[:, 1, 2]], 1)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(dense._k_decode(dense._k_code(K, 32), 32), want, atol=1e-4, rtol=0)
+
+
+def test_train_calib_is_seeded_and_checked():
+    b = scenes.render_scenes(16, generator=torch.Generator().manual_seed(0), size=16)
+    kw = dict(steps=3, batch=4, lr=1e-3, width=8)
+    n1, _ = dense.train_calib("camera", b.image, b.K, generator=torch.Generator().manual_seed(2), **kw)
+    n2, _ = dense.train_calib("camera", b.image, b.K, generator=torch.Generator().manual_seed(2), **kw)
+    for a, c in zip(n1.state_dict().values(), n2.state_dict().values()):
+        assert torch.equal(a, c)
+    r, _ = dense.train_calib("regress", b.image, b.K, generator=torch.Generator().manual_seed(2), **kw)
+    assert dense.predict_camera_image(n1, b.image).shape == (16, 2, 16, 16)
+    assert dense.predict_intrinsics(r, "regress", b.image).shape == (16, 3)
+    suite = dense.load_calib_suite({**{f"camera.{k}": v for k, v in n1.state_dict().items()},
+                                    **{f"regress.{k}": v for k, v in r.state_dict().items()}}, {"width": 8})
+    assert torch.equal(suite["camera"](b.image, b.image[:, :0], torch.zeros(16, dtype=torch.long)),
+                       n1(b.image, b.image[:, :0], torch.zeros(16, dtype=torch.long)))
+    with pytest.raises(ValueError, match="camera"):
+        dense.train_calib("diffusion", b.image, b.K, generator=torch.Generator(), **kw)
+    with pytest.raises(ValueError, match="K must be"):
+        dense.train_calib("camera", b.image, b.K[:3], generator=torch.Generator(), **kw)
+    with pytest.raises(TypeError, match="Generator"):
+        dense.train_calib("camera", b.image, b.K, generator=0, **kw)
+    with pytest.raises(ValueError, match="2 output channels"):
+        dense.predict_camera_image(r, b.image)

@@ -165,3 +165,67 @@ def test_config_built_diffusers_models(dtype):
                                uncond={"class_labels": torch.tensor([10, 10])})
     out = cg((z * 3).to(dtype), torch.tensor([3.0, 3.0]), **cond)
     assert out.shape == (2, 1, 8, 8) and out.dtype == dtype and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------------------------- Smooth Diffusion
+class _ZeroEps(torch.nn.Module):
+    def forward(self, x, t, class_labels=None):
+        return torch.zeros_like(x) * x  # eps_theta = 0 (keeps the graph)
+
+
+def _batch(n=4):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(n, 1, 4, 4, generator=g), torch.randn(n, 1, 4, 4, generator=g)
+    ac = torch.tensor([0.9, 0.5, 0.1, 0.01])[:n].view(-1, 1, 1, 1)
+    return {"x0": x0, "eps": eps, "ac": ac, "t": torch.arange(n), "y": torch.zeros(n, dtype=torch.long)}
+
+
+def test_step_variation_exact_for_a_zero_eps_model():
+    """eps_theta = 0: x0_hat = x_t / sqrt(ac), so d<x0_hat, n>/d eps = sigma n and the score is ||n||."""
+    b = _batch()
+    n = torch.randn(b["x0"].shape, generator=torch.Generator().manual_seed(1))
+    got = G.step_variation(_ZeroEps(), b, n)
+    assert torch.allclose(got, n.flatten(1).norm(dim=1), rtol=1e-5)
+    with pytest.raises(ValueError, match="direction n"):
+        G.step_variation(_ZeroEps(), b, n[:2])
+    with pytest.raises(ValueError, match="ddpm_batch"):
+        G.step_variation(_ZeroEps(), {"x0": b["x0"]}, n)
+
+
+def test_regularizer_ema_target_and_checks():
+    r = G.StepVariationRegularizer(2.0, n_reg=2, seed=0)
+    loss = r(_ZeroEps(), _batch())
+    assert r.a == pytest.approx(r.history[0]) and float(loss) >= 0
+    r(_ZeroEps(), _batch())
+    assert r.a == pytest.approx(r.history[0] + 0.01 * (r.history[1] - r.history[0]))
+    for kw in ({"weight": 0.0}, {"decay": 0.0}, {"n_reg": 0}):
+        with pytest.raises(ValueError):
+            G.StepVariationRegularizer(**kw)
+
+
+def test_slerp_and_path_variation():
+    z0, z1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    p = G.slerp(z0, z1, 5)
+    assert p.shape == (5, 1, 2) and torch.allclose(p[0], z0) and torch.allclose(p[-1], z1, atol=1e-6)
+    assert torch.allclose(p.norm(dim=-1), torch.ones(5, 1))  # on the circle
+    step, score = G.path_variation(p)
+    assert float(score) < 1e-5 and float(step) == pytest.approx(2 * math.sin(math.pi / 16), rel=1e-5)
+    with pytest.raises(ValueError, match="k must"):
+        G.slerp(z0, z1, 1)
+    with pytest.raises(ValueError, match="feats must"):
+        G.path_variation(p[:2])
+
+
+def test_ddim_inversion_round_trip_on_a_gaussian():
+    """Data N(0, I): D(x, s) = x / (1 + s^2). Inverting then sampling with many Euler steps returns the input."""
+    from dmlab.samplers import sample_euler
+
+    D = lambda x, s, **c: x / (1 + s.reshape(-1, *[1] * (x.ndim - 1)) ** 2)  # noqa: E731
+    sig = karras(200, 0.002, 10.0).double()
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = G.ddim_invert(D, x, sig)
+    assert float(z.std()) > 3  # at sigma_max the latent is mostly noise-scaled
+    back = sample_euler(D, z, sig)
+    assert float((back - x).abs().max()) < 0.05
+    with pytest.raises(ValueError, match="sigmas"):
+        G.ddim_invert(D, x, sig.flip(0))

@@ -66,6 +66,13 @@ def test_checker_catches_broken_chapters(scratch_notebook):
     assert any("Colab badge" in m for m in problems)
     assert any("one top-to-bottom run" in m for m in problems)
     assert any("SVG" in m for m in problems)
+    assert not any("characters" in m for m in problems)
+    nb["cells"][-1]["source"] = "x = " + "1 + " * 30 + "1"
+    nb["cells"][-1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "y" * 89 + "\n"}]
+    p.write_text(json.dumps(nb))
+    problems = check_conventions(p, TOC)
+    assert any("has a line of 125 characters" in m for m in problems)
+    assert any("prints a line of 89 characters" in m for m in problems)
 
 
 def test_repository_and_tag_are_one_setting_overridable_by_the_environment():

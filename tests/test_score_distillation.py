@@ -6,6 +6,7 @@ import torch
 
 from dmlab import score_distillation as sd
 from dmlab.exact import GaussianDenoiser, GMMDenoiser
+from tiny_models import tiny_sd_unet
 
 MU, S2 = torch.tensor([0.7, -0.4], dtype=torch.float64), 0.25
 G = GaussianDenoiser(MU, S2 * torch.eye(2, dtype=torch.float64))
@@ -167,16 +168,12 @@ def test_full_scale_path_on_a_config_built_sd_unet():
     UNet2DConditionModel, then SDS and ASD (baseline: the unguided VP adapter) on a latent."""
     import types
 
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     from dmlab.denoisers import DiscreteVPDenoiser
     from dmlab.samplers.fullscale import sd_guided
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                attention_head_dim=2, norm_num_groups=4).eval()
+    unet = tiny_sd_unet()
     emb = {p: torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(len(p))) for p in ("", "a corgi")}
     pipe = types.SimpleNamespace(unet=unet, scheduler=DDPMScheduler(), encode_prompt=lambda ps, d, n, c, neg: (
         torch.cat([emb[p] for p in ps]), torch.cat([emb[p] for p in neg])))

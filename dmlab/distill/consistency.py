@@ -14,6 +14,14 @@ with an ODE or SDE teacher step and an adversarial term, and data-free bootstrap
   step from ``g(eps, sigma_n)``, stop-gradient) in BOOT's signal parameterisation ``y = x_sigma - sigma eps``; no
   training data at all.
 * :func:`sample_consistency` - multistep consistency sampling (Song et al. 2023, Alg. 1).
+* :func:`rrcm_finetune` - rRCM (:cite:`lei2025robust`): a classifier fine-tuned on noisy inputs so that points of
+  the *same* diffusion trajectory ``x0 + sigma_n eps`` and ``x0 + sigma_{n+1} eps`` have matching representations
+  (instance discrimination, InfoNCE) while it classifies both; one forward pass then "denoises and classifies".
+  ``contrastive=False`` is Gaussian noise augmentation (Cohen et al. 2019) with the same draws.
+* :func:`certify` - randomised smoothing (Cohen, Rosenfeld & Kolter 2019, CERTIFY): Monte-Carlo votes of a base
+  classifier under Gaussian noise, a Clopper-Pearson lower bound on the top class's probability and the certified
+  L2 radius ``sigma Phi^-1(p_A)``; :func:`denoised_classifier` is the base classifier of denoised smoothing
+  (Carlini et al. 2023): a diffusion denoiser's one- or few-step estimate of ``x0``, then the classifier.
 
 Every student is trained by :func:`dmlab.train.fit`; every draw of a training run comes from its generator. The
 students are ordinary dmlab denoisers ``S(x, sigma, **cond)`` (:func:`dmlab.zoo.toy.toy_denoiser` for flat data, a
@@ -34,7 +42,9 @@ from ..train import FitConfig, FitResult, fit
 
 __all__ = ["consistency_fn", "ConsistencyModel", "sample_consistency", "teacher_step", "distill_pairs",
            "consistency_distill", "Discriminator", "BootStudent", "boot_distill", "train_ring_students",
-           "load_ring_students", "RingStudents", "ring_teacher", "flow_grid", "RING_METHODS", "SOLVERS"]
+           "load_ring_students", "RingStudents", "ring_teacher", "flow_grid", "RING_METHODS", "SOLVERS",
+           "clopper_pearson_lower", "certify", "CentroidHead", "certified_accuracy", "denoised_classifier",
+           "trajectory_infonce", "rrcm_finetune"]
 
 SOLVERS = ("ode", "sde")
 
@@ -446,3 +456,176 @@ def load_ring_students(state: dict, config: dict) -> RingStudents:
             mod.load_state_dict(sd, strict=False)
             out[m].append(_wrap(m, mod))
     return out
+
+
+# ----------------------------------------------------------------------------------------------- paper 65: rRCM
+def clopper_pearson_lower(k: Tensor, n: int, alpha: float) -> Tensor:
+    """One-sided ``1 - alpha`` Clopper-Pearson lower bound of a binomial proportion from ``k`` successes of ``n``
+    (``0`` where ``k == 0``), as in Cohen et al. (2019)."""
+    from scipy.stats import beta
+
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n must be a positive number of Monte-Carlo draws, got {n!r}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1) (e.g. 0.001), got {alpha!r}")
+    k = torch.as_tensor(k, dtype=torch.float64)
+    low = beta.ppf(alpha, k.clamp(min=1).numpy(), (n - k + 1).numpy())
+    return torch.where(k > 0, torch.as_tensor(low, dtype=torch.float64), torch.zeros_like(k))
+
+
+@torch.no_grad()
+def _votes(base: Callable, x: Tensor, sigma: float, n: int, generator: torch.Generator, batch: int,
+           n_classes: int) -> Tensor:
+    """Class counts ``[B, n_classes]`` of ``base`` on ``n`` noisy copies of each image (noise drawn per image in
+    order, so the counts do not depend on ``batch``)."""
+    counts = torch.zeros(len(x), n_classes, dtype=torch.long)
+    for i, xi in enumerate(x):
+        eps = torch.randn((n,) + xi.shape, generator=generator, dtype=xi.dtype)  # drawn on the CPU
+        noisy = xi + sigma * eps.to(xi.device)
+        pred = torch.cat([base(noisy[j:j + batch]).argmax(1) for j in range(0, n, batch)])
+        counts[i] = torch.bincount(pred.cpu(), minlength=n_classes)[:n_classes]
+    return counts
+
+
+def certify(base: Callable, x: Tensor, sigma: float, *, n0: int, n: int, alpha: float,
+            generator: torch.Generator, batch: int = 4096, n_classes: int = 10) -> tuple[Tensor, Tensor]:
+    """Randomised smoothing's CERTIFY (Cohen et al. 2019, Alg. 1) of the smoothed classifier
+    ``g(x) = argmax_c P(base(x + sigma eps) = c)`` at each image of ``x``.
+
+    ``n0`` draws pick the top class ``c_A``; ``n`` fresh draws count it, ``p_A`` is its one-sided
+    ``1 - alpha`` Clopper-Pearson lower bound, and the certified L2 radius is ``sigma Phi^-1(p_A)`` (abstain when
+    ``p_A <= 1/2``). The largest radius ``n`` draws can certify is ``sigma Phi^-1(alpha^(1/n))``.
+
+    Returns ``(pred, radius)``: ``pred [B]`` (``-1`` = abstain) and ``radius [B]`` (float64, ``-inf`` when
+    abstaining). Every draw comes from ``generator``.
+    """
+    if not callable(base):
+        raise TypeError("base must be callable: base(images) -> logits [B, n_classes]")
+    if not isinstance(x, Tensor) or x.ndim < 2:
+        raise ValueError("x must be a batch of inputs [B, ...]")
+    if not (isinstance(n0, int) and n0 >= 1):
+        raise ValueError(f"n0 (selection draws) must be a positive int, got {n0!r}")
+    if not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise ValueError(f"sigma must be a positive noise level, got {sigma!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be a torch.Generator (a seeded one makes the certificate reproducible)")
+    c_a = _votes(base, x, sigma, n0, generator, batch, n_classes).argmax(1)
+    k = _votes(base, x, sigma, n, generator, batch, n_classes).gather(1, c_a[:, None])[:, 0]
+    p_a = clopper_pearson_lower(k, n, alpha)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64))
+    ok = p_a > 0.5
+    radius = torch.where(ok, sigma * normal.icdf(p_a.clamp(max=1 - 1e-12)), torch.tensor(-math.inf,
+                                                                                           dtype=torch.float64))
+    return torch.where(ok, c_a, torch.full_like(c_a, -1)), radius
+
+
+def certified_accuracy(pred: Tensor, radius: Tensor, y: Tensor, radii) -> Tensor:
+    """Per-image indicator ``[len(radii), B]`` (float) that the smoothed prediction is correct and certified at
+    each radius of ``radii``: ``pred == y`` and ``radius >= r``. Its mean over images is the certified accuracy."""
+    if not (pred.shape == radius.shape == y.shape):
+        raise ValueError(f"pred, radius and y must have the same shape, got {tuple(pred.shape)}, "
+                         f"{tuple(radius.shape)}, {tuple(y.shape)}")
+    r = torch.as_tensor(radii, dtype=torch.float64).reshape(-1, 1)
+    return ((pred == y)[None] & (radius[None] >= r)).double()
+
+
+def denoised_classifier(denoiser: Callable, classifier: Callable, sigma: float, *, steps: int = 1,
+                        cond: dict | None = None, sigma_min: float = 0.02) -> Callable:
+    """Denoised smoothing's base classifier (Carlini et al. 2023): ``x = x0 + sigma eps`` -> the denoiser's
+    estimate of ``x0`` -> ``classifier``. ``steps=1`` is one denoiser call (the ``x0`` prediction); ``steps > 1``
+    follows the probability-flow ODE from ``sigma`` to 0 with Euler steps on a Karras grid (``steps`` calls).
+    ``cond`` (e.g. ``{"class_labels": NULL}``; a 0-d tensor or one with a leading dimension of 1 is expanded to
+    the batch) is passed to the denoiser."""
+    from ..samplers.ode import sample_euler
+    from ..schedules import karras
+
+    if not (callable(denoiser) and callable(classifier)):
+        raise TypeError("denoiser(x, sigma, **cond) and classifier(x) must be callables")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be a positive int (denoiser calls), got {steps!r}")
+    grid = torch.tensor([float(sigma), 0.0]) if steps == 1 else karras(steps, sigma_min, float(sigma))
+
+    def base(x: Tensor) -> Tensor:
+        c = {k: (v.expand(len(x), *v.shape[1:]) if isinstance(v, Tensor) and (v.ndim == 0 or len(v) == 1) else v)
+             for k, v in (cond or {}).items()}  # one label / embedding serves the whole batch
+        return classifier(sample_euler(denoiser, x, grid.to(x.device), cond=c))
+    base.nfe = steps
+    return base
+
+
+class CentroidHead(nn.Module):
+    """A nearest-centroid classifier on a feature map: logits are ``scale`` times the cosine similarity of
+    ``features(x)`` to each class's mean feature over reference inputs ``x_ref`` (labels ``y_ref`` in
+    ``0..n_classes-1``). At full scale ``features`` is DINOv2 on decoded latents, a base classifier for denoised
+    smoothing without any training."""
+
+    def __init__(self, features: Callable, x_ref: Tensor, y_ref: Tensor, scale: float = 10.0):
+        super().__init__()
+        if not callable(features):
+            raise TypeError("features must be callable: features(x) -> [B, d]")
+        y_ref = torch.as_tensor(y_ref)
+        if len(y_ref) != len(x_ref):
+            raise ValueError(f"x_ref and y_ref must have the same length, got {len(x_ref)} and {len(y_ref)}")
+        self.features, self.scale = features, scale
+        with torch.no_grad():
+            f = nn.functional.normalize(features(x_ref).float(), dim=1)
+        y = y_ref.to(f.device)
+        self.register_buffer("centroids", nn.functional.normalize(
+            torch.stack([f[y == c].mean(0) for c in range(int(y.max()) + 1)]), dim=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * nn.functional.normalize(self.features(x).float(), dim=1) @ self.centroids.T
+
+
+def trajectory_infonce(za: Tensor, zb: Tensor, tau: float = 0.2) -> Tensor:
+    """Symmetric InfoNCE between two views ``[B, d]``: row ``i`` of ``za`` must pick row ``i`` of ``zb`` (the
+    adjacent point of the same trajectory) among the batch, by cosine similarity over temperature ``tau``."""
+    if za.shape != zb.shape or za.ndim != 2:
+        raise ValueError(f"za and zb must be paired features [B, d], got {tuple(za.shape)} and {tuple(zb.shape)}")
+    logits = nn.functional.normalize(za, dim=1) @ nn.functional.normalize(zb, dim=1).T / tau
+    target = torch.arange(len(za), device=za.device)
+    return 0.5 * (nn.functional.cross_entropy(logits, target) + nn.functional.cross_entropy(logits.T, target))
+
+
+def rrcm_finetune(classifier: nn.Module, x: Tensor, y: Tensor, sigmas: Tensor, *, steps: int, batch: int,
+                  lr: float, generator: torch.Generator, contrastive: bool = True, lbd: float = 0.1,
+                  tau: float = 0.2, eta: float = 5.0) -> FitResult:
+    """Fine-tune ``classifier`` (a :class:`dmlab.zoo.nets.DigitClassifier`: ``features`` and ``head``) in place
+    the rRCM way (:cite:`lei2025robust`, contrastive consistency + classification on noisy inputs).
+
+    Each step draws images ``x0``, one noise ``eps`` per image and a level index ``n``, and forms two adjacent
+    points of the same (variance-exploding) trajectory, ``x0 + sigma_n eps`` and ``x0 + sigma_{n+1} eps``. The
+    loss is the cross-entropy on both views, plus ``lbd`` times :func:`trajectory_infonce` of their features
+    (rRCM's contrastive pre-training objective) and ``eta`` times the consistency term
+    ``KL(p(x0 + sigma_n eps) [stop-gradient] || p(x0 + sigma_{n+1} eps))`` of its fine-tuning stage.
+    ``contrastive=False`` drops the InfoNCE term: Gaussian noise augmentation on exactly the same draws (the
+    matched competitor). ``sigmas`` is an increasing grid of ``>= 2`` levels. Trained by
+    :func:`dmlab.train.fit` (Adam, constant rate); every draw comes from ``generator``.
+    """
+    if not (hasattr(classifier, "features") and hasattr(classifier, "head")):
+        raise TypeError("classifier must expose features(x) and head(z) (a dmlab DigitClassifier)")
+    sigmas = torch.as_tensor(sigmas, dtype=x.dtype)
+    if sigmas.ndim != 1 or len(sigmas) < 2 or not bool((sigmas.diff() > 0).all()):
+        raise ValueError("sigmas must be an increasing 1-D grid of >= 2 noise levels")
+    if len(x) != len(y):
+        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
+
+    def draw(g):
+        i = torch.randint(len(x), (batch,), generator=g)
+        n = torch.randint(len(sigmas) - 1, (batch,), generator=g)
+        eps = torch.randn((batch,) + x.shape[1:], generator=g, dtype=x.dtype)
+        return x[i], y[i], eps, bcast(sigmas[n], x[i]), bcast(sigmas[n + 1], x[i])
+
+    def loss(b):
+        x0, lab, eps, sa, sb = b
+        za, zb = classifier.features(x0 + sa * eps), classifier.features(x0 + sb * eps)
+        la, lb = classifier.head(za), classifier.head(zb)
+        ce = 0.5 * (nn.functional.cross_entropy(la, lab) + nn.functional.cross_entropy(lb, lab))
+        if not contrastive:
+            return ce
+        kl = nn.functional.kl_div(lb.log_softmax(1), la.detach().log_softmax(1), log_target=True,
+                                  reduction="batchmean")  # the noisier point must predict like the cleaner one
+        return ce + lbd * trajectory_infonce(za, zb, tau) + eta * kl
+
+    classifier.train()
+    return fit(loss, classifier, FitConfig(steps=steps, lr=lr), generator=generator, data=draw)

@@ -136,6 +136,9 @@ def execute(path: str | pathlib.Path, *, timeout: int = 600) -> float:
     return elapsed
 
 
+WIDTH = 88  # characters of code and printed output the book's pages show without scrolling
+
+
 def check_conventions(path: str | pathlib.Path, toc_text: str | None = None) -> list[str]:
     """The conventions a chapter breaks, as readable problems; empty when it is fine."""
     path = pathlib.Path(path)
@@ -178,8 +181,23 @@ def check_conventions(path: str | pathlib.Path, toc_text: str | None = None) -> 
                         f"python -m dmlab.tools.notebooks run {rel}")
     elif counts != list(range(1, len(counts) + 1)):
         problems.append(f"{rel}: stored outputs are not from one top-to-bottom run; re-execute it")
-    for c in code:
+    rich = ("text/markdown", "text/html", "image/png", "application/vnd.jupyter.widget-view+json")
+    for k, c in enumerate(code):
+        wide = [len(line) for line in src(c).split("\n") if len(line) > WIDTH]
+        if wide:
+            problems.append(f"{rel}: code cell {k + 1} has a line of {max(wide)} characters; the book shows "
+                            f"{WIDTH}: split it (format the cell as black -l {WIDTH} would)")
         for o in c.get("outputs", []):
+            if o.get("output_type") == "stream":
+                text = "".join(o.get("text", ""))
+            elif "text/plain" in o.get("data", {}) and not any(r in o["data"] for r in rich):
+                text = "".join(o["data"]["text/plain"])
+            else:
+                text = ""
+            wide = [len(line) for line in text.split("\n") if len(line) > WIDTH]
+            if wide:
+                problems.append(f"{rel}: code cell {k + 1} prints a line of {max(wide)} characters; the book "
+                                f"shows {WIDTH}: print narrower columns or wrap (textwrap.fill)")
             if o.get("output_type") == "error":
                 problems.append(f"{rel}: a stored output is an error ({o.get('ename')})")
             if "image/svg+xml" in o.get("data", {}):

@@ -11,8 +11,10 @@ branches spread over the zoo's files):
 * ``finetune`` - a zoo model fine-tuned by full fine-tuning, LoRA, DiffFit or SaRA, stored as the update on top of
   its base (:mod:`dmlab.finetuning`, chapter 23);
 * ``ring_students`` - chapter 25's few-step students of the 8-Gaussian ring;
+* ``rrcm_s*`` / ``noiseaug_s*`` (kind ``robust_classifier``) - chapter 25's noise-robust digit classifiers (paper 65);
 * ``kd_student`` - a zoo DiT with blocks removed, distilled from it (:mod:`dmlab.distill.architecture`, chapter 27);
 * ``maskgit`` - a patch VQ and a masked-token transformer (:mod:`dmlab.masked_tokens`, chapter 27).
+* ``latent_edit`` - asymmetric decoders of ``sd_tiny`` and their plain control (:mod:`dmlab.latent_edit`, chapter 33).
 
 Adapters (exit heads, linear attention, finetune, kd_student) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
 fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
@@ -122,6 +124,19 @@ def _train_sd(recipe, folder, device="cpu", resume=True, progress=True):
     return train_pipeline(recipe, folder, device=device, resume=resume, progress=progress)
 
 
+def _state_entry_loader(module: str, fn: str):
+    """The ``load`` of a chapter's toy entry: ``module.fn(state_dict, model_config)`` on the entry's
+    ``model.safetensors`` and ``config.json`` (the module is imported when the entry is loaded)."""
+    def load(folder, entry, root):
+        import importlib
+
+        from safetensors.torch import load_file
+
+        build = getattr(importlib.import_module(module, __package__), fn)
+        return build(load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text()))
+    return load
+
+
 def _write_weights(folder: pathlib.Path, state: dict, config: dict) -> None:
     """Empty ``folder`` of files, then write ``model.safetensors`` (``state``) and ``config.json`` (``config``)."""
     from safetensors.torch import save_file
@@ -207,6 +222,7 @@ def _eval_adapter(name, root):
 # ----------------------------------------------------------------------------------------------- chapter 23
 def _finetune_kw(model_cfg: dict) -> tuple[str, dict]:
     kw = dict(model_cfg)
+    kw.pop("smooth", None)  # a training-only setting (chapter 22's step-variation weight)
     return kw.pop("method"), kw
 
 
@@ -238,8 +254,13 @@ def _train_finetune(recipe, folder, device="cpu", resume=True, progress=True):
     x, y = load_digits("train", size=recipe.size)
     keep = torch.isin(y, torch.tensor(recipe.extra["classes"]))
     tc = recipe.train
+    reg = None
+    if recipe.model.get("smooth"):
+        from ..guidance import StepVariationRegularizer
+
+        reg = StepVariationRegularizer(recipe.model["smooth"], seed=tc.seed)
     res = finetune(base, method, x[keep], y[keep], training_alphas_cumprod(), steps=tc.steps, lr=tc.lr,
-                   seed=tc.seed, batch_size=tc.batch_size, p_uncond=tc.p_uncond, **kw)
+                   seed=tc.seed, batch_size=tc.batch_size, p_uncond=tc.p_uncond, regularizer=reg, **kw)
     state = adapter_state(method, base, res.model)
     _write_weights(folder, state, recipe.model)
     from diffusers import DDPMScheduler
@@ -280,14 +301,7 @@ KINDS: dict[str, Kind] = {k.name: k for k in [
     Kind("finetune", _load_finetune, _train_finetune, _cost_finetune, _eval_adapter, denoiser=True, adapter=True),
 ]}
 # ----------------------------------------------------------------------------------------------- chapter 25
-def _load_ring_students(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..distill.consistency import load_ring_students
-
-    students = load_ring_students(load_file(str(folder / "model.safetensors")),
-                                  json.loads((folder / "config.json").read_text()))
-    return students
+_load_ring_students = _state_entry_loader("..distill.consistency", "load_ring_students")
 
 
 def _train_ring_students(recipe, folder, device="cpu", resume=True, progress=True):
@@ -340,13 +354,7 @@ KINDS["ring_students"] = Kind("ring_students", _load_ring_students, _train_ring_
 
 
 # ----------------------------------------------------------------------------------------------- chapter 24
-def _load_guided_students(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..distill.guidance import load_guided_students
-
-    return load_guided_students(load_file(str(folder / "model.safetensors")),
-                                json.loads((folder / "config.json").read_text()))
+_load_guided_students = _state_entry_loader("..distill.guidance", "load_guided_students")
 
 
 def _train_guided_students(recipe, folder, device="cpu", resume=True, progress=True):
@@ -441,13 +449,7 @@ KINDS["superres"] = Kind("superres", _load_superres, _train_superres, _cost_supe
 
 
 # ----------------------------------------------------------------------------------------------- chapter 29
-def _load_dense(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..dense import load_dense_suite
-
-    return load_dense_suite(load_file(str(folder / "model.safetensors")),
-                            json.loads((folder / "config.json").read_text()))
+_load_dense = _state_entry_loader("..dense", "load_dense_suite")
 
 
 def _train_dense(recipe, folder, device="cpu", resume=True, progress=True):
@@ -485,6 +487,35 @@ def _eval_dense(name, root):
 
 
 KINDS["dense"] = Kind("dense", _load_dense, _train_dense, _cost_dense, _eval_dense)
+
+
+_load_calib = _state_entry_loader("..dense", "load_calib_suite")
+
+
+def _train_calib(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..dense import train_calib_suite
+
+    t0 = time.time()
+    state, log = train_calib_suite(recipe.model, progress=progress)
+    state = {k: v.contiguous() for k, v in state.items()}
+    return _save_toy_entry(recipe, folder, state, {"final_loss": log}, time.time() - t0)
+
+
+def _cost_calib(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    s = recipe.model["size"]
+    with torch.no_grad():
+        flops = count_flops(lambda: obj["camera"](torch.zeros(1, 3, s, s), torch.zeros(1, 0, s, s),
+                                                  torch.zeros(1, dtype=torch.long)))
+    return {"params": sum(p.numel() for m in obj.values() for p in m.parameters()), "flops_per_call": int(flops)}
+
+
+KINDS["calib"] = Kind("calib", _load_calib, _train_calib, _cost_calib, _eval_dense)
 
 
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
@@ -597,12 +628,7 @@ ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)
 
 
 # ----------------------------------------------------------------------------------------------- chapter 32
-def _load_beyond(folder, entry, root):
-    from safetensors.torch import load_file
-
-    from ..beyond import load_entry
-
-    return load_entry(load_file(str(folder / "model.safetensors")), json.loads((folder / "config.json").read_text()))
+_load_beyond = _state_entry_loader("..beyond", "load_entry")
 
 
 def _train_beyond(recipe, folder, device="cpu", resume=True, progress=True):
@@ -647,3 +673,75 @@ def _eval_beyond(name, root):
 # time series (TSDiff, paper 49), PDE operators (Poseidon, paper 80) and neural SDE classifiers (stable neural
 # SDEs, paper 8): several small models per entry
 KINDS["beyond"] = Kind("beyond", _load_beyond, _train_beyond, _cost_beyond, _eval_beyond)
+
+
+# ----------------------------------------------------------------------------------------------- chapter 25, paper 65
+def _train_robust_classifier(recipe, folder, device="cpu", resume=True, progress=True):
+    """Fine-tune a copy of the base classifier with :func:`dmlab.distill.consistency.rrcm_finetune`."""
+    import copy
+
+    import torch
+
+    from ..data import load_digits
+    from ..distill.consistency import rrcm_finetune
+    from .registry import load
+
+    ex, tc = recipe.extra, recipe.train
+    model = copy.deepcopy(load(ex["base"]))
+    x, y = load_digits("train")
+    lo, hi, k = ex["sigma_grid"]
+    res = rrcm_finetune(model, x, y, torch.linspace(lo, hi, k), steps=tc.steps, batch=tc.batch_size, lr=tc.lr,
+                        generator=torch.Generator().manual_seed(tc.seed), contrastive=ex["contrastive"],
+                        lbd=ex["lbd"], tau=ex["tau"], eta=ex["eta"])
+    _write_weights(folder, model.state_dict(), recipe.model)
+    _write_log(folder, {"config_hash": recipe.config_hash, "steps": tc.steps, "train_seconds": round(res.seconds, 1),
+                        "device": "cpu", "loss": res.curve})
+    return folder
+
+
+def _eval_robust_classifier(name, root):
+    import torch
+
+    from ..data import load_digits
+    from .registry import load
+
+    model = load(name)
+    x, y = load_digits("test")
+    noisy = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return {"test_accuracy_sigma0.5": round(float((model(noisy).argmax(1) == y).float().mean()), 4)}
+
+
+KINDS["robust_classifier"] = Kind("robust_classifier", _load_classifier, _train_robust_classifier, _cost_network,
+                                  _eval_robust_classifier)
+
+
+# ----------------------------------------------------------------------------------------------- chapter 33
+_load_latent_edit = _state_entry_loader("..latent_edit", "load_entry")
+
+
+def _train_latent_edit(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..latent_edit import train_entry
+
+    t0 = time.process_time()
+    state, log = train_entry(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.process_time() - t0, recipe.train.steps)
+
+
+def _cost_latent_edit(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    d = obj["asym"][0]
+    z, x, m = torch.zeros(1, 4, 8, 8), torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
+    with torch.no_grad():
+        flops = count_flops(lambda: d(z, x, m))
+    return {"params": sum(p.numel() for v in obj.values() for d in v for p in d.parameters()),
+            "flops_per_call": int(flops)}
+
+
+# asymmetric decoders of sd_tiny (Asymmetric VQGAN, paper 77)
+KINDS["latent_edit"] = Kind("latent_edit", _load_latent_edit, _train_latent_edit, _cost_latent_edit, _eval_beyond)

@@ -154,6 +154,18 @@ for _m, (_cfg, _lr) in FT_METHODS.items():
                                     seed=_s, checkpoint_every=10 ** 6),
             extra={"base": "unet_src", "classes": [5, 6, 7, 8, 9]})
 
+# Chapter 22 (Smooth Diffusion, paper 63): unet_s fine-tuned on all digits with and without the step-wise
+# variation regulariser, same steps, batch, data draws and learning rate per seed, three training seeds each.
+SMOOTH_STEPS = 100
+for _w, _tag in ((10.0, "on"), (0.0, "off")):
+    for _s in range(3):
+        RECIPES[f"smooth_{_tag}_s{_s}"] = Recipe(
+            f"smooth_{_tag}_s{_s}", "finetune", f"unet_s fine-tuned on all digits, step-variation regulariser "
+                                              f"weight {_w} (seed {_s}, chapter 22)",
+            {"method": "full", "smooth": _w}, TrainConfig(steps=SMOOTH_STEPS, batch_size=32, lr=3e-4, warmup=0,
+                                                          ema=0.0, p_uncond=0.1, seed=_s, checkpoint_every=10 ** 6),
+            extra={"base": "unet_s", "classes": list(range(10))})
+
 
 # Adapters: trained on a frozen zoo model named by extra["base"] (their network is derived from the base).
 RECIPES["dit_l_exit"] = Recipe(
@@ -221,6 +233,15 @@ for _s in range(3):
         {"seed": _s, "n_train": 768, "data_seed": 290, "size": 32, "steps": 400, "batch": 16, "lr": 2e-3,
          "width": 16, "frozen": "unet_l", "preimage_sigma": 0.1},
         TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=32)
+# chapter 29, DM-Calib: camera-image prediction against direct (f, cx, cy) regression, one entry per training seed
+for _s in range(3):
+    RECIPES[f"calib_s{_s}"] = Recipe(
+        f"calib_s{_s}", "calib", f"chapter 29's intrinsics nets on rendered 32x32 scenes with random focal length and "
+        f"principal point, training seed {_s}: a DenseNet predicting the camera image (incidence map, DM-Calib) and "
+        "the same net regressing (f, cx, cy); same data, steps, batch and width",
+        {"seed": _s, "n_train": 768, "data_seed": 430, "size": 32, "steps": 400, "batch": 16, "lr": 2e-3,
+         "width": 16},
+        TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=32)
 # Chapter 27 (architecture distillation, KOALA): dit_s with its two middle blocks removed, distilled from dit_s with
 # output-only KD or output + feature KD at one site (self-attention, feed-forward or whole-block outputs); the same
 # batches per seed for every site, three training seeds each (kind "kd_student").
@@ -261,3 +282,29 @@ RECIPES["poseidon_1d"] = Recipe(
      "finetune_family": "allen_cahn", "finetune_n": [2, 8, 32], "finetune_data_seed": 500, "finetune_steps": 300,
      "finetune_batch": 32, "finetune_lr": 1e-3},
     TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup=50, ema=0.0, p_uncond=0.0), size=2)
+
+
+# Chapter 25, paper 65 (rRCM): the digit classifier fine-tuned on noisy digits for randomised smoothing, with rRCM's
+# trajectory-consistency terms (rrcm_s*) or by plain Gaussian noise augmentation on the same draws (noiseaug_s*).
+for _m in ("rrcm", "noiseaug"):
+    for _s in range(3):
+        RECIPES[f"{_m}_s{_s}"] = Recipe(
+            f"{_m}_s{_s}", "robust_classifier",
+            f"the zoo classifier fine-tuned on noisy digits ({'rRCM: cross-entropy + trajectory InfoNCE + consistency' if _m == 'rrcm' else 'Gaussian noise augmentation, same draws'}; seed {_s}, chapter 25)",
+            {"widths": [32, 64, 128], "features": 64},
+            TrainConfig(steps=400, batch_size=128, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.0, seed=_s,
+                        checkpoint_every=10 ** 6),
+            extra={"base": "classifier", "contrastive": _m == "rrcm", "sigma_grid": [0.0, 1.0, 21], "lbd": 0.1,
+                   "tau": 0.2, "eta": 5.0})
+
+
+# Chapter 33 (latent spaces): asymmetric decoders for sd_tiny (Asymmetric VQGAN, paper 77): the decoder plus a
+# conditional branch fed the masked source image, and the plain decoder fine-tuned at the same steps and batches
+# (the control); encoder frozen; one training seed on this loaded machine (kind "latent_edit").
+RECIPES["asym_decoder"] = Recipe(
+    "asym_decoder", "latent_edit", "chapter 33: sd_tiny's VAE decoder with a conditional branch on the masked "
+    "source image (Asymmetric VQGAN) and the plain decoder fine-tuned at the same budget (one training seed)",
+    {"seeds": [0], "steps": 150, "batch": 32, "lr": 1e-3, "width": 16, "p_full": 0.25,
+     "train_decoder": False},
+    TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.0), size=16,
+    extra={"base": "sd_tiny"})

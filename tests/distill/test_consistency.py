@@ -5,6 +5,7 @@ import torch
 from dmlab import exact, schedules
 from dmlab.distill import consistency as cm
 from dmlab.zoo.toy import toy_denoiser
+from tiny_models import tiny_sd_unet
 
 
 def _gauss():
@@ -208,16 +209,12 @@ def test_full_scale_cell_path_with_a_guided_text_teacher():
     import math
     import types
 
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
     from dmlab.denoisers import DiscreteVPDenoiser
     from dmlab.samplers.fullscale import sd_guided
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, attention_head_dim=2).eval()
+    unet = tiny_sd_unet()
     gen = torch.Generator().manual_seed(3)
     emb = {p: torch.randn(1, 3, 8, generator=gen) for p in ("", "a lighthouse")}
     pipe = types.SimpleNamespace(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100),

@@ -7,6 +7,7 @@ import torch
 
 from dmlab import schedules
 from dmlab.distill import guidance as gd
+from tiny_models import tiny_sd_unet
 
 TINY = {"seeds": [0], "hidden": 16, "depth": 2, "teacher_steps": 3, "steps": 3, "pd_steps": 2, "batch": 16,
         "lr": 1e-3, "lora_rank": 2, "w_range": [1.0, 4.0], "sigma_min": 0.002, "sigma_max": 20.0, "grid_steps": 4,
@@ -150,13 +151,9 @@ def test_zoo_round_trip_tiny():
 
 
 def test_full_scale_path_on_config_built_unet():
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, attention_head_dim=2).eval()
+    unet = tiny_sd_unet()
     ref = copy.deepcopy(unet)
     st = gd.unet_student(unet, DDPMScheduler(num_train_timesteps=100), rank=2)
     base = gd.base_teacher(st)
@@ -189,13 +186,9 @@ def test_full_scale_path_on_config_built_unet():
 def test_sd_guidance_distill_on_a_config_built_pipeline():
     import types
 
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, attention_head_dim=2).eval()
+    unet = tiny_sd_unet()
     g = torch.Generator().manual_seed(3)
     emb = {p: torch.randn(1, 3, 8, generator=g) for p in ("", "a", "b")}
     pipe = types.SimpleNamespace(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100),

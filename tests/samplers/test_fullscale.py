@@ -7,17 +7,14 @@ from dmlab import schedules
 from dmlab.denoisers import DiscreteVPDenoiser
 from dmlab.samplers import sample_dpmpp_2m
 from dmlab.samplers.fullscale import sd_guided
+from tiny_models import tiny_sd_unet
 
 
 def _fake_sd():
     """A config-built conditional UNet and DDPM config behind the two pipeline attributes sd_guided uses."""
-    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
-                                norm_num_groups=4, attention_head_dim=2).eval()
+    unet = tiny_sd_unet()
     emb = {p: torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(len(p))) for p in ("", "a cat", "a dog")}
 
     def encode_prompt(prompts, device, n, do_cfg, negative):
