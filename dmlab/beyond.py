@@ -25,7 +25,8 @@
 * **Stable neural SDEs** (Oh, Lim & Kim, ICLR 2024; paper 8): neural SDE classifiers of irregularly sampled series
   in the paper's stable classes (Langevin-type, linear-noise, geometric), solved by Euler-Maruyama, with the neural
   ODE of the same drift and a GRU as competitors: :func:`irregular_series`, :func:`interpolate_path`,
-  :class:`NeuralSDEClassifier`, :class:`GRUClassifier`, :func:`train_series_classifier`, :func:`classify_correct`.
+  :class:`NeuralSDEClassifier`, :class:`GRUClassifier`, :func:`train_series_classifier`, :func:`classify_correct`,
+  :func:`correct_by_missing_rate`.
 """
 from __future__ import annotations
 
@@ -39,7 +40,10 @@ __all__ = ["series_alphas_cumprod", "SeriesDenoiser", "train_series_model", "for
            "seasonal_naive", "PDE_FAMILIES", "pde_trajectories", "TimeConditionedOperator", "all2all_pairs",
            "train_operator", "operator_error", "inject_anomalies", "reconstruction_scores",
            "nearest_neighbour_scores", "auroc", "RolledDenoiser", "rolled", "tile_mosaic", "SDE_KINDS",
-           "irregular_series", "missing_mask", "interpolate_path", "NeuralSDEClassifier", "GRUClassifier", "train_series_classifier", "classify_correct",
+           "irregular_series", "missing_mask", "interpolate_path", "NeuralSDEClassifier", "GRUClassifier",
+           "train_series_classifier", "classify_correct", "correct_by_missing_rate", "shift_digits",
+           "standard_views", "diffusion_views", "cosine_filter", "class_prototypes", "prompt_logits",
+           "prompt_tuning",
            "train_entry", "load_entry", "EntryModels"]
 
 
@@ -546,21 +550,27 @@ class NeuralSDEClassifier(nn.Module):
     """A neural SDE classifier of irregular series (Oh, Lim & Kim, "Stable Neural Stochastic Differential Equations
     in Analyzing Irregular Time Series Data", ICLR 2024; paper 8).
 
-    The latent ``z [B, hidden]`` starts at ``z0 = W c(0)`` and follows, on the observation grid ``t_i = T i / (L - 1)`` (``T = horizon``),
-    one of the paper's stable classes, with the control ``c(t) = [X(t), dX(t), m(t)]`` (interpolated path, its increment over the last grid step and
-    the mask)
-    entering the drift ``gamma(z, c) = tanh(MLP([z, c]))``:
+    The latent ``z [B, hidden]`` starts at ``z0 = W c(0)`` and follows, on the observation grid
+    ``t_i = T i / (L - 1)`` (``T = horizon``), one of the paper's stable classes. The control
+    ``c(t) = [X(t), dX(t), m(t)]`` (interpolated path, its increment over the last grid step and the mask) enters
+    the drift network ``h(z, c) = MLP([z, c])``; ``sigma(t) = sigma_max * sigmoid(a t / T + b)`` (per channel) is
+    bounded, and every diffusion term is bounded by a final ``tanh``, as in the official code:
 
-    * ``"lsde"`` (Langevin-type): ``dz = gamma(z, c) dt + sigma(t) dW`` (additive noise);
-    * ``"lnsde"`` (linear noise): ``dz = gamma(z, c) dt + sigma(t) * z dW``;
-    * ``"gsde"`` (geometric): ``dz = gamma(z, c) * z dt + sigma(t) * z dW``;
-    * ``"ode"``: the neural ODE with the same drift, ``dz = gamma(z, c) dt`` (no diffusion network).
+    * ``"lsde"`` (Langevin-type): ``dz = tanh(h) dt + tanh(sigma(t)) dW`` (additive noise);
+    * ``"lnsde"`` (linear noise): ``dz = tanh(h) dt + tanh(sigma(t) z) dW``;
+    * ``"gsde"`` (geometric): ``dz = tanh(h * (1 - sigmoid(z))) dt + tanh(sigma(t) z) dW``. The paper writes the
+      geometric drift as ``gamma(t, z) z``; its official code replaces the factor ``z`` by the logistic
+      ``1 - sigmoid(z)`` (a drift that is bounded and Lipschitz in ``z``), and so does this class: with the bare
+      factor ``z`` an unconstrained ``z0`` near 0 keeps the drift near 0 and the model does not train;
+    * ``"ode"``: the neural ODE with the same drift as ``lsde``/``lnsde``, ``dz = tanh(h) dt`` (no diffusion
+      network: two parameters per hidden channel fewer).
 
-    ``sigma(t) = sigma_max * sigmoid(a t / T + b)`` per channel is bounded, as in the paper. Solved by
-    Euler-Maruyama with ``dt = T / (L - 1)`` (one step per grid point) and Brownian increments ``sqrt(dt) eps``; the logits are a linear head on ``z(T)``.
+    Solved by Euler-Maruyama with ``dt = T / (L - 1)`` (one step per grid point, the official code's
+    ``dt = min gap``) and Brownian increments ``sqrt(dt) eps``; the logits are a linear head on ``z(T)``.
     ``forward(values, mask, noise=None)``: ``noise [B, L-1, hidden]`` standard normals (``None``: zero noise, the
-    drift-only path). Re-implemented from the paper's equations (official code: yongkyung-oh/Stable-Neural-SDEs,
-    which solves the same classes with ``torchsde``)."""
+    drift-only path). Re-implemented from the paper's equations and the official code
+    (yongkyung-oh/Stable-Neural-SDEs, ``benchmark_classification/models_sde/neuralsde.py``, which solves the same
+    classes with ``torchsde`` on a cubic-spline control)."""
 
     def __init__(self, kind: str, hidden: int = 16, width: int = 32, n_classes: int = 2, sigma_max: float = 0.5,
                  horizon: float = 8.0):
@@ -570,7 +580,8 @@ class NeuralSDEClassifier(nn.Module):
         self.kind, self.hidden, self.sigma_max = kind, _int(hidden, "hidden", "NeuralSDEClassifier"), sigma_max
         self.horizon = float(horizon)
         self.init = nn.Linear(3, hidden)
-        self.drift = nn.Sequential(nn.Linear(hidden + 3, width), nn.Tanh(), nn.Linear(width, hidden), nn.Tanh())
+        self.drift = nn.Sequential(nn.Linear(hidden + 3, _int(width, "width", "NeuralSDEClassifier")), nn.Tanh(),
+                                   nn.Linear(width, hidden))
         self.sigma = None if kind == "ode" else nn.Linear(1, hidden)
         self.head = nn.Linear(hidden, n_classes)
 
@@ -583,11 +594,11 @@ class NeuralSDEClassifier(nn.Module):
         c = torch.stack([X, torch.diff(X, dim=1, prepend=X[:, :1]), mask.to(X.dtype)], 2)
         z, dt = self.init(c[:, 0]), self.horizon / (L - 1)
         for i in range(L - 1):
-            f = self.drift(torch.cat([z, c[:, i]], 1))
-            dz = (f * z if self.kind == "gsde" else f) * dt
+            h = self.drift(torch.cat([z, c[:, i]], 1))
+            dz = torch.tanh(h * (1 - torch.sigmoid(z)) if self.kind == "gsde" else h) * dt
             if self.sigma is not None and noise is not None:
                 s = self.sigma_max * torch.sigmoid(self.sigma(torch.full((1, 1), i / (L - 1))))
-                dz = dz + (s if self.kind == "lsde" else s * z) * math.sqrt(dt) * noise[:, i]
+                dz = dz + torch.tanh(s if self.kind == "lsde" else s * z) * math.sqrt(dt) * noise[:, i]
             z = z + dz
         return self.head(z)
 
@@ -646,6 +657,151 @@ def classify_correct(model: nn.Module, values: Tensor, mask: Tensor, labels: Ten
     return (model(values * mask, mask, noise).argmax(1) == labels).double()
 
 
+def correct_by_missing_rate(models, values: Tensor, labels: Tensor, rates, *, seed: int) -> Tensor:
+    """Per-series correctness ``[len(rates), len(models), n]`` (float64 0/1) of each model on complete series
+    ``values [n, L]`` with points dropped at each rate. The masks of rate ``rates[i]`` come from
+    ``torch.Generator().manual_seed(seed + i)`` and are the same for every model (paired by test set); each
+    stochastic model draws its Brownian path from ``torch.Generator().manual_seed(seed + 1000)``."""
+    if not (isinstance(values, Tensor) and values.ndim == 2 and labels.shape == values.shape[:1]):
+        raise ValueError("correct_by_missing_rate: values must be [n, L] and labels [n]")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"correct_by_missing_rate: seed must be an int, got {seed!r}")
+    n, L = values.shape
+    out = []
+    for i, r in enumerate(rates):
+        m = missing_mask(torch.full((n,), float(r)), L, generator=torch.Generator().manual_seed(seed + i))
+        out.append(torch.stack([classify_correct(mod, values, m, labels,
+                                                 generator=torch.Generator().manual_seed(seed + 1000))
+                                for mod in models]))
+    return torch.stack(out)
+
+
+# =============================================================================================== DiffTPT (7)
+def _images(x, fn: str) -> Tensor:
+    if not isinstance(x, Tensor) or x.ndim != 4 or not x.is_floating_point():
+        raise TypeError(f"{fn}: images must be a float tensor [B, C, H, W] in [-1, 1]")
+    return x
+
+
+def _affine(x: Tensor, angle: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """Rotate (degrees) and scale about the centre, then translate (pixels), one map per image; the uncovered
+    border is background (-1)."""
+    a = angle.double() * math.pi / 180
+    cos, sin = torch.cos(a) / scale.double(), torch.sin(a) / scale.double()
+    h, w = x.shape[-2:]
+    th = torch.stack([torch.stack([cos, -sin, -2 * shift[:, 1].double() / w], 1),
+                      torch.stack([sin, cos, -2 * shift[:, 0].double() / h], 1)], 1)
+    grid = nn.functional.affine_grid(th.to(x.dtype), list(x.shape), align_corners=False)
+    return nn.functional.grid_sample(x + 1, grid, align_corners=False) - 1
+
+
+def shift_digits(x: Tensor, *, generator: torch.Generator, angle: float = 30.0, blur: float = 0.7,
+                 contrast: float = 0.6) -> Tensor:
+    """A distribution shift of digit images ``[B, 1, H, W]`` in ``[-1, 1]``: rotation by ``+-angle`` degrees (a
+    random sign per image, from ``generator``), Gaussian blur of ``blur`` pixels and contrast scaled by
+    ``contrast`` about the background (``x -> (x + 1) contrast - 1``)."""
+    from .data import _gaussian_blur
+
+    g, x = _gen(generator, "shift_digits"), _images(x, "shift_digits")
+    if not (0 < contrast <= 1) or blur < 0:
+        raise ValueError("shift_digits: contrast must lie in (0, 1] and blur must be >= 0")
+    sign = torch.randint(0, 2, (len(x),), generator=g) * 2 - 1
+    y = _affine(x, sign * angle, torch.ones(len(x)), torch.zeros(len(x), 2))
+    y = _gaussian_blur(y, torch.full((len(x),), float(blur))).to(x.dtype) if blur > 0 else y
+    return ((y + 1) * contrast - 1).clamp(-1, 1)
+
+
+def standard_views(x: Tensor, n: int, *, generator: torch.Generator, angle: float = 15.0,
+                   scale: tuple = (0.9, 1.1), shift: float = 1.0) -> Tensor:
+    """TPT's standard augmentations for digits: ``n`` random affine views of each image ``[B, n, C, H, W]``
+    (rotation uniform in ``+-angle`` degrees, scale uniform in ``scale``, translation uniform in ``+-shift``
+    pixels), drawn from ``generator``."""
+    g, x = _gen(generator, "standard_views"), _images(x, "standard_views")
+    B, m = len(x), len(x) * _int(n, "n", "standard_views")
+    u = torch.rand(m, 4, generator=g, dtype=torch.float64)
+    xr = x.repeat_interleave(n, 0)
+    out = _affine(xr, (2 * u[:, 0] - 1) * angle, scale[0] + u[:, 1] * (scale[1] - scale[0]),
+                  (2 * u[:, 2:] - 1) * shift)
+    return out.reshape(B, n, *x.shape[1:])
+
+
+def diffusion_views(denoiser: Callable, x: Tensor, n: int, *, sigma: float, steps: int,
+                    generator: torch.Generator, cond: dict | None = None) -> Tensor:
+    """DiffTPT's generated views, as img2img: ``n`` SDEdit variations of each image ``[B, n, C, H, W]``
+    (:func:`dmlab.editing.sdedit`: noise to ``sigma``, then ``steps`` Euler steps down a Karras grid to 0 with
+    ``denoiser``; ``cond`` for ``n * B`` images, e.g. the null class). Feng et al. generate Stable Diffusion
+    image variations conditioned on the CLIP embedding of the test image instead."""
+    from .editing import sdedit
+    from .schedules import karras
+
+    x = _images(x, "diffusion_views")
+    sig = karras(_int(steps, "steps", "diffusion_views"), 0.002, float(sigma))
+    xr = x.repeat_interleave(_int(n, "n", "diffusion_views"), 0)
+    return sdedit(denoiser, xr, sig, cond=cond, generator=_gen(generator, "diffusion_views")).reshape(
+        len(x), n, *x.shape[1:]).clamp(-1, 1)
+
+
+def cosine_filter(feat_x: Tensor, feat_views: Tensor, keep: int) -> Tensor:
+    """DiffTPT's filter: indices ``[B, keep]`` of the ``keep`` views whose features ``feat_views [B, V, D]`` have
+    the highest cosine similarity to the test image's ``feat_x [B, D]`` (most similar first)."""
+    if feat_views.ndim != 3 or feat_x.shape != (feat_views.shape[0], feat_views.shape[2]):
+        raise ValueError("cosine_filter: feat_x must be [B, D] and feat_views [B, V, D]")
+    if not 1 <= keep <= feat_views.shape[1]:
+        raise ValueError(f"cosine_filter: keep must lie in 1..{feat_views.shape[1]}, got {keep!r}")
+    cos = nn.functional.cosine_similarity(feat_views, feat_x[:, None], dim=-1)
+    return cos.topk(keep, dim=1).indices
+
+
+def class_prototypes(feats: Tensor, labels: Tensor, n_classes: int = 10) -> Tensor:
+    """Unit-norm class-mean features ``[n_classes, D]``: the "text embeddings" of a CLIP-like classifier whose
+    logits are cosine similarities to them."""
+    e = torch.stack([feats[labels == k].mean(0) for k in range(n_classes)])
+    return nn.functional.normalize(e, dim=1)
+
+
+def prompt_logits(feats: Tensor, embeddings: Tensor, ctx: Tensor | None = None, scale: float = 10.0) -> Tensor:
+    """CLIP-like logits ``scale * cos(f, e_k + ctx)``: ``feats [..., D]``, class embeddings ``[K, D]`` and a
+    per-image prompt context ``ctx [B, D]`` shared by the classes (``None``: no prompt), with ``feats`` of shape
+    ``[B, D]`` or ``[B, V, D]``."""
+    e = embeddings if ctx is None else embeddings[None] + ctx[:, None]  # [K, D] or [B, K, D]
+    e = nn.functional.normalize(e, dim=-1)
+    f = nn.functional.normalize(feats, dim=-1)
+    if ctx is None:
+        return scale * f @ e.T
+    return scale * (f @ e.transpose(1, 2) if f.ndim == 3 else (f[:, None] * e).sum(-1))
+
+
+def prompt_tuning(feat_x: Tensor, feat_views: Tensor, embeddings: Tensor, *, steps: int = 1, lr: float = 0.01,
+                  confident: float = 0.5, scale: float = 10.0) -> Tensor:
+    """Test-time prompt tuning (Shu et al., TPT, 2022; with DiffTPT's views, Feng et al., ICCV 2023; paper 7) of a
+    CLIP-like classifier (:func:`prompt_logits`), one independent prompt context per test image, on features:
+    ``steps`` AdamW steps from ``ctx = 0`` on the entropy of the mean prediction over the ``confident`` fraction
+    of each image's views ``feat_views [B, V, D]`` with the lowest entropy (re-selected every step). Returns the
+    tuned logits of the test images ``[B, K]`` (``feat_x [B, D]``). The prompt starts at 0 for every image, as TPT
+    resets it."""
+    if feat_views.ndim != 3 or feat_x.shape != (feat_views.shape[0], feat_views.shape[2]):
+        raise ValueError("prompt_tuning: feat_x must be [B, D] and feat_views [B, V, D]")
+    if not 0 < confident <= 1:
+        raise ValueError(f"prompt_tuning: confident must lie in (0, 1], got {confident!r}")
+    B, V, D = feat_views.shape
+    k = max(1, round(confident * V))
+    ctx = torch.zeros(B, D, dtype=feat_views.dtype, requires_grad=True)
+    opt = torch.optim.AdamW([ctx], lr=lr, weight_decay=0.0)
+    for _ in range(_int(steps, "steps", "prompt_tuning", minimum=0)):
+        with torch.enable_grad():
+            logp = prompt_logits(feat_views, embeddings, ctx, scale).log_softmax(-1)  # [B, V, K]
+            ent = -(logp.exp() * logp).sum(-1)
+            idx = ent.detach().topk(k, dim=1, largest=False).indices
+            sel = logp.gather(1, idx[..., None].expand(-1, -1, logp.shape[-1]))
+            avg = sel.logsumexp(1) - math.log(k)  # log of the mean probability over the confident views
+            loss = -(avg.exp() * avg).sum(-1).sum()  # per-image entropies (independent prompts)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return prompt_logits(feat_x, embeddings, ctx.detach(), scale)
+
+
 # =============================================================================================== zoo entries
 def _prefixed(state: dict, prefix: str) -> dict:
     return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in state.items()}
@@ -695,7 +851,7 @@ def train_entry(config: dict, *, progress: bool = False) -> tuple[dict, dict]:
                     log["final_loss"][f"{name}.n{n}.s{s}"] = round(r2.curve[-1][1], 6)
         return state, log
     if task == "sde":
-        x, _, y = irregular_series(config["n_train"], missing=0.0,
+        x, _, y = irregular_series(config["n_train"], missing=0.0, length=config.get("length", 48),
                                    generator=torch.Generator().manual_seed(config["data_seed"]))
         for s in config["seeds"]:
             for kind in config["models"]:
@@ -713,7 +869,8 @@ def train_entry(config: dict, *, progress: bool = False) -> tuple[dict, dict]:
 def _series_classifier(kind: str, config: dict) -> nn.Module:
     if kind == "gru":
         return GRUClassifier(hidden=config["gru_hidden"])
-    return NeuralSDEClassifier(kind, hidden=config["hidden"])
+    return NeuralSDEClassifier(kind, hidden=config["hidden"], width=config.get("width", 32),
+                               horizon=config.get("horizon", 8.0))
 
 
 class EntryModels(dict):

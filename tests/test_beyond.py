@@ -224,3 +224,33 @@ def test_series_classifier_training_learns_and_is_reproducible():
     assert torch.equal(runs[0], runs[1]) and res.curve[-1][0] == 10
     c = B.classify_correct(m, x[:16], torch.ones(16, 48), y[:16], generator=torch.Generator())
     assert c.dtype == torch.float64 and c.shape == (16,)
+
+
+def test_gsde_drift_uses_the_logistic_factor_and_trains_from_z0_near_zero():
+    # one Euler step of the GSDE by hand: z1 = z0 + tanh(h(z0, c0) * (1 - sigmoid(z0))) dt (zero noise)
+    x, m, _ = B.irregular_series(4, missing=0.0, length=2, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    g = B.NeuralSDEClassifier("gsde", hidden=4, width=8, horizon=1.0)
+    X = B.interpolate_path(x, m)
+    c0 = torch.stack([X[:, 0], torch.zeros(4), m[:, 0]], 1)
+    z0 = g.init(c0)
+    z1 = z0 + torch.tanh(g.drift(torch.cat([z0, c0], 1)) * (1 - torch.sigmoid(z0))) * 1.0
+    assert torch.allclose(g(x, m), g.head(z1), atol=1e-6)
+    with torch.no_grad():  # z0 = 0: the paper's bare factor z would freeze z; the logistic one does not
+        g.init.weight.zero_()
+        g.init.bias.zero_()
+    loss = g(x, m, torch.randn(4, 1, 4, generator=torch.Generator().manual_seed(5))).sum()
+    loss.backward()
+    assert float(g.drift[2].weight.grad.abs().sum()) > 0
+
+
+def test_correct_by_missing_rate_pairs_masks_across_models():
+    x, _, y = B.irregular_series(32, missing=0.0, length=12, generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(0)
+    ode = B.NeuralSDEClassifier("ode", hidden=4, width=8)
+    c = B.correct_by_missing_rate([ode, ode], x, y, (0.0, 0.5), seed=3)
+    assert c.shape == (2, 2, 32) and c.dtype == torch.float64 and torch.equal(c[:, 0], c[:, 1])
+    m0 = B.missing_mask(torch.full((32,), 0.5), 12, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(c[1, 0], B.classify_correct(ode, x, m0, y, generator=torch.Generator()))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        B.correct_by_missing_rate([ode], x, y, (0.0,), seed=None)

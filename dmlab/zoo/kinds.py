@@ -652,7 +652,8 @@ def _cost_beyond(obj, recipe) -> dict:
         if recipe.model["task"] == "tsdiff":
             flops = count_flops(lambda: one(torch.zeros(1, recipe.model["length"]), torch.zeros(1, dtype=torch.long)))
         elif recipe.model["task"] == "sde":
-            flops = count_flops(lambda: one(torch.zeros(1, 48), torch.ones(1, 48)))
+            L = recipe.model.get("length", 48)
+            flops = count_flops(lambda: one(torch.zeros(1, L), torch.ones(1, L)))
         else:
             z = torch.zeros(1, 32)
             flops = count_flops(lambda: one(z, z, torch.zeros(1)))
