@@ -254,3 +254,70 @@ def test_correct_by_missing_rate_pairs_masks_across_models():
     assert torch.equal(c[1, 0], B.classify_correct(ode, x, m0, y, generator=torch.Generator()))
     with pytest.raises(TypeError, match="seed must be an int"):
         B.correct_by_missing_rate([ode], x, y, (0.0,), seed=None)
+
+
+# ------------------------------------------------------------------------------------------- DiffTPT (7)
+def test_shift_and_standard_views_are_identities_at_zero_strength():
+    x = torch.rand(3, 1, 8, 8, generator=g(7)) * 2 - 1
+    assert torch.allclose(B.shift_digits(x, generator=g(), angle=0.0, blur=0.0, contrast=1.0), x, atol=1e-6)
+    v = B.standard_views(x, 4, generator=g(), angle=0.0, scale=(1.0, 1.0), shift=0.0)
+    assert v.shape == (3, 4, 1, 8, 8) and torch.allclose(v, x[:, None].expand_as(v), atol=1e-6)
+    s = B.shift_digits(x, generator=g(), angle=90.0, blur=0.0, contrast=1.0)  # a quarter turn either way
+    assert all(torch.allclose(s[i], torch.rot90(x[i], k, (1, 2)), atol=1e-5) or
+               torch.allclose(s[i], torch.rot90(x[i], -k, (1, 2)), atol=1e-5) for i in range(3) for k in (1,))
+    with pytest.raises(TypeError, match="float tensor"):
+        B.standard_views(x[0], 2, generator=g())
+    with pytest.raises(ValueError, match="contrast"):
+        B.shift_digits(x, generator=g(), contrast=0.0)
+
+
+def test_cosine_filter_keeps_the_most_similar_views():
+    fx = torch.tensor([[1.0, 0.0]])
+    fv = torch.tensor([[[0.0, 1.0], [1.0, 0.1], [-1.0, 0.0], [2.0, 1.0]]])
+    assert B.cosine_filter(fx, fv, 2).tolist() == [[1, 3]]
+    with pytest.raises(ValueError, match="keep"):
+        B.cosine_filter(fx, fv, 5)
+
+
+def test_prompt_tuning_is_per_image_lowers_the_entropy_and_is_a_no_op_without_steps():
+    fx = torch.randn(4, 6, generator=g(1))
+    fv = fx[:, None] + 0.3 * torch.randn(4, 5, 6, generator=g(2))
+    emb = torch.nn.functional.normalize(torch.randn(3, 6, generator=g(3)), dim=1)
+    assert torch.allclose(B.prompt_tuning(fx, fv, emb, steps=0), B.prompt_logits(fx, emb))
+    both = B.prompt_tuning(fx, fv, emb, steps=2, lr=0.05, confident=1.0)
+    one = B.prompt_tuning(fx[:1], fv[:1], emb, steps=2, lr=0.05, confident=1.0)
+    assert torch.allclose(both[:1], one, atol=1e-6)  # one independent prompt per test image
+
+    def ent(logits):
+        p = logits.softmax(-1).mean(1)
+        return -(p * p.log()).sum(-1)
+    ctx0 = torch.zeros(4, 6)
+    e0 = ent(B.prompt_logits(fv, emb, ctx0))
+    # the tuned prompt is not returned; check the mechanism on the views instead: one step with a tiny lr
+    ctx = ctx0.clone().requires_grad_(True)
+    ent(B.prompt_logits(fv, emb, ctx)).sum().backward()
+    e1 = ent(B.prompt_logits(fv, emb, (ctx0 - 1e-3 * ctx.grad)))
+    assert bool((e1 <= e0 + 1e-7).all())
+    assert B.prompt_tuning(fx, fv, emb, steps=1, per_class=True).shape == (4, 3)
+    with pytest.raises(ValueError, match="confident"):
+        B.prompt_tuning(fx, fv, emb, confident=0.0)
+
+
+def test_diffusion_views_full_scale_path_on_config_built_unet():
+    """The DiffTPT full-scale cell's path: SDEdit views of SD latents by sd_guided's denoiser, on a tiny UNet."""
+    import types
+
+    from diffusers import DDPMScheduler
+
+    from dmlab.samplers.fullscale import sd_guided
+
+    unet = tiny_sd_unet()
+    pipe = types.SimpleNamespace(unet=unet, scheduler=DDPMScheduler(), encode_prompt=lambda ps, d, n, c, neg: (
+        torch.zeros(len(ps), 3, 8), torch.zeros(len(neg), 3, 8)))
+    den, cond, smin, smax, shape = sd_guided(pipe, [""] * 6, 1.0)
+    z = torch.randn(2, *shape[1:], generator=g(4))
+    with torch.no_grad():
+        v = B.diffusion_views(den, z, 3, sigma=2.0, steps=2, cond=cond, generator=g(5), clamp=False)
+        w = B.diffusion_views(den, z, 3, sigma=2.0, steps=2, cond=cond, generator=g(5), clamp=False)
+    assert v.shape == (2, 3, *shape[1:]) and torch.isfinite(v).all() and torch.equal(v, w)
+    assert B.cosine_filter(z.flatten(1), v.flatten(2), 2).shape == (2, 2)
