@@ -651,6 +651,9 @@ def _cost_beyond(obj, recipe) -> dict:
     with torch.no_grad():
         if recipe.model["task"] == "tsdiff":
             flops = count_flops(lambda: one(torch.zeros(1, recipe.model["length"]), torch.zeros(1, dtype=torch.long)))
+        elif recipe.model["task"] == "sde":
+            L = recipe.model.get("length", 48)
+            flops = count_flops(lambda: one(torch.zeros(1, L), torch.ones(1, L)))
         else:
             z = torch.zeros(1, 32)
             flops = count_flops(lambda: one(z, z, torch.zeros(1)))
@@ -668,7 +671,8 @@ def _eval_beyond(name, root):
     return {f"final_loss_{k}": round(sum(v) / len(v), 6) for k, v in groups.items()}
 
 
-# time series (TSDiff, paper 49) and PDE operators (Poseidon, paper 80): several small models per entry
+# time series (TSDiff, paper 49), PDE operators (Poseidon, paper 80) and neural SDE classifiers (stable neural
+# SDEs, paper 8): several small models per entry
 KINDS["beyond"] = Kind("beyond", _load_beyond, _train_beyond, _cost_beyond, _eval_beyond)
 
 

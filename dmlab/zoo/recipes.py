@@ -283,6 +283,17 @@ RECIPES["poseidon_1d"] = Recipe(
      "finetune_batch": 32, "finetune_lr": 1e-3},
     TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup=50, ema=0.0, p_uncond=0.0), size=2)
 
+# Chapter 32, paper 8 (stable neural SDEs): LSDE, LNSDE and GSDE classifiers of irregular two-class seasonal series,
+# the neural ODE of the same drift and a GRU of about the same size, trained on 0/30/50/70 % missing points
+# (3 seeds each).
+RECIPES["sde_irregular"] = Recipe(
+    "sde_irregular", "beyond", "chapter 32: stable neural SDE (LSDE, LNSDE, GSDE), neural ODE and GRU classifiers "
+    "of irregularly sampled series, trained with 0-70 % of the points missing (3 seeds each)",
+    {"task": "sde", "seeds": [0, 1, 2], "models": ["lsde", "lnsde", "gsde", "ode", "gru"], "steps": 1200,
+     "batch": 32, "lr": 1e-2, "hidden": 16, "width": 32, "gru_hidden": 18, "n_train": 512, "length": 32,
+     "data_seed": 800, "rates": [0.0, 0.3, 0.5, 0.7]},
+    TrainConfig(steps=1200, batch_size=32, lr=1e-2, warmup=50, ema=0.0, p_uncond=0.0), size=2)
+
 
 # Chapter 25, paper 65 (rRCM): the digit classifier fine-tuned on noisy digits for randomised smoothing, with rRCM's
 # trajectory-consistency terms (rrcm_s*) or by plain Gaussian noise augmentation on the same draws (noiseaug_s*).
