@@ -134,6 +134,12 @@ class SpeedUpStudent:
                 raise ValueError(f"the adapter's layer {n} has widths {k.in_features}->{k.out_features}, the UNet's "
                                  "differ: an adapter plugs only into the UNet it was trained on or a fine-tuned "
                                  "copy of it")
+        for n in adapter.layers:
+            a = mods[n]
+            if getattr(a, "residual_connection", False) or getattr(a, "rescale_output_factor", 1.0) != 1.0 or \
+                    any(getattr(a, k, None) is not None for k in ("norm_cross", "group_norm", "spatial_norm")):
+                raise ValueError(f"cross-attention {n} normalises its inputs or rescales its output; the adapter "
+                                 "adds its offset after to_out and supports Stable Diffusion's plain layers only")
         p = next(unet.parameters())
         self.net, self.adapter = unet, adapter.to(p.device)
         self.denoiser = wrap(unet)

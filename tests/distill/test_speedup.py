@@ -131,6 +131,10 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="widths"):
         su.SpeedUpStudent(wider, ad, su._wrap(sched))
     st = su.SpeedUpStudent(other, ad, su._wrap(sched))  # heads differ, widths agree: it plugs
+    odd = tiny_sd_unet()
+    odd.get_submodule(ad.layers[0]).rescale_output_factor = 2.0
+    with pytest.raises(ValueError, match="rescales its output"):
+        su.SpeedUpStudent(odd, ad, su._wrap(sched))
     with pytest.raises(ValueError, match="shaped like encoder_hidden_states"):
         st(x, torch.ones(3), w=2.0, encoder_hidden_states=pos, negative_hidden_states=neg[:, :2])
     with pytest.raises(ValueError, match="negative_hidden_states"):
