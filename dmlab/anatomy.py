@@ -26,7 +26,7 @@ from torch import nn
 
 __all__ = ["UNET_BLOCK_LISTS", "TRANSFORMER_BLOCK_LISTS", "BLOCK_LISTS", "kind", "is_unet", "is_dit",
            "is_transformer", "require_unet", "require_dit", "require_transformer", "transformer_blocks",
-           "unet_blocks", "stage_modules", "granularity_of", "attention_modules", "self_attention_names",
+           "unet_blocks", "stage_modules", "granularity_of", "attention_modules", "self_attention_names", "cross_attention_names",
            "skip_shortcuts", "resolve_model", "module_names", "unknown_name_error"]
 
 UNET_BLOCK_LISTS = ("down_blocks", "up_blocks")
@@ -187,6 +187,13 @@ def self_attention_names(model: nn.Module, pattern: str = "*attn1") -> list[str]
     """Qualified names of the self-attention modules (diffusers names them ``attn1``; ``attn2`` is cross-attention)
     matching ``pattern`` (``fnmatch``)."""
     return [n for n in attention_modules(model) if fnmatch.fnmatchcase(n, pattern)]
+
+
+def cross_attention_names(model: nn.Module) -> list[str]:
+    """Qualified names of the cross-attention modules (diffusers ``Attention`` with ``is_cross_attention``: the
+    ``attn2`` of Stable Diffusion's transformer blocks, which read the text embeddings)."""
+    mods = dict(model.named_modules())
+    return [n for n in attention_modules(model) if getattr(mods[n], "is_cross_attention", False)]
 
 
 def skip_shortcuts(model: nn.Module) -> list[str]:

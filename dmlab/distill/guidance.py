@@ -252,13 +252,17 @@ def guidance_distill(student: WStudent, teacher: Callable, data: Callable, uncon
 
     Each step draws ``x0, cond = data(generator, batch)``, ``log sigma ~ U[log sigma_range]``, ``w ~ U[w_range]``
     and minimises ``lambda(sigma) |student(x, sigma, w=w, **cond) - cfg_target(teacher, x, sigma, cond,
-    uncond(cond), w)|^2`` (EDM weight ``lambda``). Only parameters that require grad train: all of a full copy, or
+    uncond(cond), w)|^2`` (EDM weight ``lambda``). The student may also be a
+    :class:`dmlab.distill.speedup.SpeedUpStudent` (SpeedUpNet's cross-attention adapter, :cite:`chai2024speedupnet`).
+    Only parameters that require grad train: all of a full copy, or
     the LoRA adapters and the w-embedding of a student made with ``dmlab.finetuning.adapt(net, "lora",
     copy_model=False)`` whose teacher is :func:`base_teacher` (:cite:`golnari2023loraenhanced`). Adam with cosine decay
     through :func:`dmlab.train.fit`.
     """
-    if not isinstance(student, WStudent):
-        raise TypeError("student must be a WStudent (the network with a w input)")
+    if not (callable(student) and isinstance(getattr(student, "modules", None), nn.Module)
+            and isinstance(getattr(student, "net", None), nn.Module)):
+        raise TypeError("student must be a WStudent (the network with a w input) or another one-pass student with "
+                        "its trainable .modules and its .net, such as dmlab.distill.speedup.SpeedUpStudent")
     _check_denoiser(teacher, "teacher")
     if not callable(data) or not callable(uncond):
         raise TypeError("data(generator, n) -> (x0, cond) and uncond(cond) -> dict must be callables")

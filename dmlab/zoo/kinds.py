@@ -15,6 +15,8 @@ branches spread over the zoo's files):
 * ``kd_student`` - a zoo DiT with blocks removed, distilled from it (:mod:`dmlab.distill.architecture`, chapter 27);
 * ``maskgit`` - a patch VQ and a masked-token transformer (:mod:`dmlab.masked_tokens`, chapter 27).
 * ``latent_edit`` - asymmetric decoders of ``sd_tiny`` and their plain control (:mod:`dmlab.latent_edit`, chapter 33).
+* ``speedup`` - SpeedUpNet cross-attention adapters of ``sd_tiny`` and a fine-tuned copy of it (:mod:`dmlab.distill.speedup`,
+  chapter 24).
 
 Adapters (exit heads, linear attention, finetune, kd_student) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
 fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
@@ -746,3 +748,48 @@ def _cost_latent_edit(obj, recipe) -> dict:
 
 # asymmetric decoders of sd_tiny (Asymmetric VQGAN, paper 77)
 KINDS["latent_edit"] = Kind("latent_edit", _load_latent_edit, _train_latent_edit, _cost_latent_edit, _eval_beyond)
+
+
+# ----------------------------------------------------------------------------------------------- chapter 24, paper 6
+_load_speedup = _state_entry_loader("..distill.speedup", "load_speedup_entry")
+
+
+def _train_speedup(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..bench import num_threads
+    from ..distill.speedup import train_speedup_entry
+
+    t0 = time.process_time()
+    with num_threads(1):  # reproducible, and fair to a shared machine
+        state, log = train_speedup_entry(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.process_time() - t0)
+
+
+def _cost_speedup(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+    from ..distill.speedup import SpeedUpStudent, _wrap, prompt_table
+
+    pipe = obj["pipe"]
+    st = SpeedUpStudent(pipe.unet, obj["adapters"][0], _wrap(pipe.scheduler))
+    table, empty = prompt_table(pipe)
+    with torch.no_grad():  # one adapter-plugged UNet call on one latent (the base call plus the adapter branch)
+        flops = count_flops(lambda: st(torch.zeros(1, 4, 8, 8), torch.ones(1), w=2.0,
+                                       encoder_hidden_states=table[:1, 0], negative_hidden_states=empty))
+    st.remove()
+    return {"params": sum(p.numel() for a in obj["adapters"] for p in a.parameters()), "flops_per_call": int(flops)}
+
+
+def _eval_speedup(name, root):
+    from .registry import fetch, get_entry
+
+    folder = fetch(name, get_entry(name, root), root)
+    log = json.loads((folder / "train_log.json").read_text())
+    fl = log["final_loss"]
+    seeds = [v for k, v in fl.items() if k != "ft"]
+    return {"final_loss_adapter": round(sum(seeds) / len(seeds), 6), "final_loss_ft": round(fl["ft"], 6)}
+
+
+KINDS["speedup"] = Kind("speedup", _load_speedup, _train_speedup, _cost_speedup, _eval_speedup, adapter=True)

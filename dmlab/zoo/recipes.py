@@ -319,3 +319,17 @@ RECIPES["asym_decoder"] = Recipe(
      "train_decoder": False},
     TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.0), size=16,
     extra={"base": "sd_tiny"})
+
+
+# Chapter 24, paper 6 (SpeedUpNet): cross-attention adapters of sd_tiny trained to reproduce classifier-free
+# guidance with a negative prompt in one pass (three training seeds), and a LoRA fine-tune of sd_tiny on thick-stroke
+# digits into which the same adapters are plugged untrained (kind "speedup"; dmlab.distill.speedup).
+RECIPES["speedup_adapters"] = Recipe(
+    "speedup_adapters", "speedup", "chapter 24: SpeedUpNet adapters on sd_tiny's cross-attention layers (one-pass "
+    "guidance at w = 2 with empty or other-digit negative prompts; 3 training seeds) and a LoRA fine-tune of sd_tiny "
+    "on thick-stroke digits (the transfer target)",
+    {"seeds": [0, 1, 2], "steps": 300, "batch": 16, "lr": 3e-3, "w": 2.0, "p_empty_negative": 0.5,
+     "ft_steps": 150, "ft_batch": 32, "ft_lr": 2e-3, "ft_rank": 4,
+     "ft_targets": ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]},
+    TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=0, ema=0.0, p_uncond=0.0), size=16,
+    extra={"base": "sd_tiny"})
