@@ -16,6 +16,10 @@ normal (3 channels). One small conditional network (:class:`DenseNet`) is traine
 StableNormal (Ye et al. 2024, paper 28) reduces the seed variance of diffusion normals by starting a short
 stochastic refinement from a one-step estimate (:func:`refine_from`); PrimeDepth (Zavadski et al. 2024, paper 79)
 reads a frozen diffusion model's features once (the "preimage", :func:`preimage`) and trains a refiner on them.
+DM-Calib (Deng et al. 2025, paper 43) predicts the intrinsics as a "camera image" (:func:`train_calib`).
+DiffMatch (Nam et al. 2024, "Diffusion Model for Dense Matching", paper 78) treats the flow field between two
+views as the variable of a conditional diffusion model, conditioned on a correlation cost volume and the
+correlation-argmax flow (:func:`match_condition`, :func:`train_matcher`, :func:`sample_flow`).
 Official code read for the recipes: EnVision-Research/Lotus (Apache-2.0), Stable-X/StableNormal (Apache-2.0),
 vislearn/PrimeDepth; nothing is copied.
 """
@@ -50,6 +54,22 @@ __all__ = [
     "load_calib_suite",
     "train_dense_suite",
     "load_dense_suite",
+    "FLOW_SCALE",
+    "MATCH_METHODS",
+    "patch_features",
+    "displacements",
+    "cost_volume",
+    "argmax_flow",
+    "match_condition",
+    "condition_channels",
+    "train_matcher",
+    "regress_flow",
+    "sample_flow",
+    "endpoint_error",
+    "match_data",
+    "train_match_suite",
+    "match_predictions",
+    "load_match_suite",
 ]
 
 METHODS = ("eps", "x0", "lotus")
@@ -498,5 +518,228 @@ def load_dense_suite(state: dict, cfg: dict) -> nn.ModuleDict:
         net = DenseNet(width=cfg["width"]) if m != "prime" else Refiner(sd["reduce.weight"].shape[1],
                                                                           width=cfg["width"])
         net.load_state_dict(sd)
+        out[m] = net
+    return out.eval()
+
+
+# ----------------------------------------------------------------------------------------------- DiffMatch (78)
+FLOW_SCALE = 4.0  # flows (pixels) are divided by this before they enter or leave a matching network
+MATCH_METHODS = ("diffusion", "regress")
+
+
+def _check_image_pair(a: Tensor, b: Tensor, name: str) -> None:
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise TypeError(f"{name}: expected two tensors [B, C, H, W]")
+    if a.ndim != 4 or a.shape != b.shape:
+        raise ValueError(f"{name}: expected two [B, C, H, W] tensors of one shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+
+
+def patch_features(images: Tensor, k: int = 3) -> Tensor:
+    """Normalised cross-correlation descriptors: per pixel the ``k x k`` patch of all channels (zero padding),
+    minus its mean, divided by its norm (``+1e-3``, so a constant patch gives an almost-zero descriptor: a
+    textureless surface matches nothing better than anything else). ``[B, C*k*k, H, W]``."""
+    if images.ndim != 4:
+        raise ValueError(f"patch_features: images must be [B, C, H, W], got {tuple(images.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise ValueError(f"patch_features: k must be an odd int >= 1, got {k!r}")
+    B, C, H, W = images.shape
+    p = F.unfold(images, k, padding=k // 2).reshape(B, C * k * k, H, W)
+    p = p - p.mean(1, keepdim=True)
+    return p / (p.norm(dim=1, keepdim=True) + 1e-3)
+
+
+def displacements(radius: int) -> Tensor:
+    """The ``(2r+1)^2`` integer displacements ``(du, dv)`` of a local cost volume, ``[(2r+1)^2, 2]``, in the
+    channel order of :func:`cost_volume` (``dv`` outer, ``du`` inner)."""
+    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
+        raise ValueError(f"radius must be an int >= 0 (search window half-width in pixels), got {radius!r}")
+    r = torch.arange(-radius, radius + 1)
+    dv, du = torch.meshgrid(r, r, indexing="ij")
+    return torch.stack([du.reshape(-1), dv.reshape(-1)], 1)
+
+
+def cost_volume(f1: Tensor, f2: Tensor, radius: int) -> Tensor:
+    """Local correlation ``C[b, j, v, u] = <f1[b, :, v, u], f2[b, :, v + dv_j, u + du_j]> / sqrt(channels)`` for
+    the displacements :func:`displacements` (``radius``); positions outside view 2 correlate 0.
+    ``[B, (2r+1)^2, H, W]``. The data term of DiffMatch (Nam et al. 2024, paper 78)."""
+    _check_image_pair(f1, f2, "cost_volume")
+    d = displacements(radius)
+    H, W = f1.shape[-2:]
+    f2p = F.pad(f2, (radius, radius, radius, radius))
+    out = [(f1 * f2p[..., radius + dv: radius + dv + H, radius + du: radius + du + W]).sum(1)
+           for du, dv in d.tolist()]
+    return torch.stack(out, 1) / math.sqrt(f1.shape[1])
+
+
+def argmax_flow(cost: Tensor, radius: int) -> Tensor:
+    """The correlation-argmax matcher: per pixel the displacement of the highest cost, ``[B, 2, H, W]`` as
+    ``(du, dv)`` in pixels; ties go to the smallest displacement (so a pixel that matches nothing stays put)."""
+    d = displacements(radius)
+    if cost.ndim != 4 or cost.shape[1] != len(d):
+        raise ValueError(f"argmax_flow: cost must be [B, {len(d)}, H, W] for radius {radius}, got "
+                         f"{tuple(cost.shape)}")
+    order = torch.sort((d * d).sum(1), stable=True).indices  # nearest displacements first
+    idx = cost[:, order].argmax(1)
+    return d[order][idx].permute(0, 3, 1, 2).to(cost.dtype)
+
+
+def match_condition(image1: Tensor, feats1: Tensor, feats2: Tensor, radius: int) -> Tensor:
+    """What a DiffMatch-style network is conditioned on, per pixel of view 1: the image, the local cost volume
+    of the two views' features (the data term) and the correlation-argmax flow (the initial correspondence),
+    divided by :data:`FLOW_SCALE`. ``[B, 3 + (2r+1)^2 + 2, H, W]``."""
+    c = cost_volume(feats1, feats2, radius)
+    if image1.shape[0] != c.shape[0] or image1.shape[-2:] != c.shape[-2:]:
+        raise ValueError(f"match_condition: image1 {tuple(image1.shape)} and features {tuple(feats1.shape)} must "
+                         "share batch and size")
+    return torch.cat([image1, c, argmax_flow(c, radius) / FLOW_SCALE], 1).float()
+
+
+def condition_channels(radius: int) -> int:
+    """Channels of :func:`match_condition` at ``radius``."""
+    return 3 + len(displacements(radius)) + 2
+
+
+def _match_net(method: str, c_cond: int, width: int) -> DenseNet:
+    if method not in MATCH_METHODS:
+        raise ValueError(f"method must be one of {MATCH_METHODS} ('diffusion': conditional diffusion over the flow, "
+                         f"x0-prediction; 'regress': the same net regressing the flow in one call), got {method!r}")
+    return DenseNet(c_img=c_cond, c_tgt=2, c_out=2, width=width)
+
+
+def train_matcher(method: str, cond: Tensor, flow: Tensor, *, steps: int, batch: int, lr: float,
+                  generator: torch.Generator, width: int = 16, progress: bool = False):
+    """Train a flow network on conditions ``cond`` (:func:`match_condition`) and exact flows ``flow [N, 2, H, W]``
+    (pixels) with :func:`dmlab.train.fit`. ``"diffusion"`` (DiffMatch, paper 78): the flow scaled by
+    :data:`FLOW_SCALE` is noised to a random timestep of Stable Diffusion's schedule and the net predicts the clean
+    flow from ``[cond, x_t, t]`` (x0-prediction); ``"regress"``: the same net, a zero ``x_t`` and ``t = T``, one
+    call (Lotus-D's form). Same data, steps, batch, width and loss. Returns ``(net, fit_result)``."""
+    from .train import FitConfig, fit
+
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("train_matcher: generator must be a torch.Generator")
+    if flow.ndim != 4 or flow.shape[1] != 2 or cond.shape[0] != flow.shape[0] or cond.shape[-2:] != flow.shape[-2:]:
+        raise ValueError(f"train_matcher: cond [N, C, H, W] and flow [N, 2, H, W] must pair up, got "
+                         f"{tuple(cond.shape)} and {tuple(flow.shape)}")
+    net = _init(lambda: _match_net(method, cond.shape[1], width), generator)
+    ac = _alphas_cumprod()
+    y_all = flow.float() / FLOW_SCALE
+
+    def data(g):
+        idx = torch.randint(len(cond), (batch,), generator=g)
+        t = torch.randint(len(ac), (batch,), generator=g)
+        return cond[idx], y_all[idx], t, torch.randn(y_all[idx].shape, generator=g)
+
+    def loss(b):
+        c, y, t, eps = b
+        if method == "regress":
+            return F.mse_loss(net(c, torch.zeros_like(y), torch.full((len(c),), T_TRAIN - 1)), y)
+        a = ac[t][:, None, None, None]
+        return F.mse_loss(net(c, a.sqrt() * y + (1 - a).sqrt() * eps, t), y)
+
+    cfg = FitConfig(steps=steps, lr=lr, schedule="cosine", warmup=min(50, steps // 10), progress=progress,
+                    desc=f"match {method}")
+    res = fit(loss, net, cfg, generator=generator, data=data)
+    return net.eval(), res
+
+
+@torch.no_grad()
+def regress_flow(net: DenseNet, cond: Tensor) -> Tensor:
+    """The one-call flow of a ``"regress"`` :func:`train_matcher` net, ``[B, 2, H, W]`` in pixels."""
+    z = cond.new_zeros(cond.shape[0], 2, *cond.shape[-2:])
+    return net(cond, z, torch.full((len(cond),), T_TRAIN - 1)) * FLOW_SCALE
+
+
+@torch.no_grad()
+def sample_flow(net: DenseNet, cond: Tensor, steps: int, *, generator: torch.Generator,
+                samples: int = 1) -> Tensor:
+    """DiffMatch's inference (paper 78): deterministic DDIM over the flow field from pure noise with ``steps``
+    evenly spaced timesteps of an x0-predicting ``"diffusion"`` net, conditioned on ``cond``; the mean of
+    ``samples`` draws (``steps * samples`` calls). ``[B, 2, H, W]`` in pixels."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sample_flow: steps must be an int >= 1, got {steps!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"sample_flow: samples must be an int >= 1, got {samples!r}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("sample_flow: generator must be a torch.Generator (the initial noise is drawn from it)")
+    ac = _alphas_cumprod()
+    ts = torch.linspace(T_TRAIN - 1, 0, steps).round().long().tolist()
+    out = 0
+    for _ in range(samples):
+        x = torch.randn(cond.shape[0], 2, *cond.shape[-2:], generator=generator)
+        for i, t in enumerate(ts):
+            a = ac[t]
+            x0 = net(cond, x, torch.full((len(cond),), t))
+            eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+            a_next = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+            x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        out = out + x
+    return out / samples * FLOW_SCALE
+
+
+def endpoint_error(pred: Tensor, flow: Tensor, mask: Tensor) -> Tensor:
+    """Per-pair average end-point error ``mean_p |pred(p) - flow(p)|`` over the pixels of ``mask`` (bool
+    ``[B, 1, H, W]``), ``[B]`` float64; every pair must have at least one pixel in its mask."""
+    if pred.shape != flow.shape or pred.ndim != 4 or pred.shape[1] != 2:
+        raise ValueError(f"endpoint_error: pred and flow must both be [B, 2, H, W], got {tuple(pred.shape)} and "
+                         f"{tuple(flow.shape)}")
+    if mask.shape != (pred.shape[0], 1, *pred.shape[-2:]) or mask.dtype != torch.bool:
+        raise ValueError(f"endpoint_error: mask must be bool [B, 1, H, W], got {mask.dtype} {tuple(mask.shape)}")
+    n = mask.flatten(1).sum(1)
+    if (n == 0).any():
+        raise ValueError("endpoint_error: some pairs have an empty mask; select pairs with mask.any() first")
+    e = (pred.double() - flow.double()).norm(dim=1, keepdim=True)
+    return (e * mask).flatten(1).sum(1) / n
+
+
+def match_data(n: int, cfg: dict, generator: torch.Generator):
+    """``(SceneBatch, cond)``: ``n`` rendered view pairs (``cfg``: ``size``, ``p_flat``) and their
+    :func:`match_condition` from :func:`patch_features` (``cfg["patch"]``) at ``cfg["radius"]``."""
+    from .scenes import render_scenes
+
+    b = render_scenes(n, generator=generator, size=cfg["size"], pair=True, p_flat=cfg["p_flat"])
+    k = cfg["patch"]
+    return b, match_condition(b.image, patch_features(b.image, k), patch_features(b.image2, k), cfg["radius"])
+
+
+def train_match_suite(cfg: dict, cond: Tensor | None = None, flow: Tensor | None = None,
+                      progress: bool = False) -> tuple[dict, dict]:
+    """Chapter 29's DiffMatch entry for one training seed ``cfg["seed"]``: both :data:`MATCH_METHODS` on the
+    same pairs, same steps, batch, width and loss. The pairs are ``cfg["n_train"]`` rendered scenes with
+    :func:`patch_features` (:func:`match_data`) unless ``cond``/``flow`` are given (the full-scale path passes
+    conditions built from a frozen diffusion model's features). ``(state_dict, log)``."""
+    if (cond is None) != (flow is None):
+        raise ValueError("train_match_suite: pass both cond and flow, or neither (then the pairs are rendered)")
+    if cond is None:
+        b, cond = match_data(cfg["n_train"], cfg, torch.Generator().manual_seed(cfg["data_seed"]))
+        flow = b.flow
+    state, log = {}, {}
+    for k, m in enumerate(MATCH_METHODS):
+        g = torch.Generator().manual_seed(1000 * cfg["seed"] + 780 + k)
+        net, res = train_matcher(m, cond, flow, steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"],
+                                 width=cfg["width"], generator=g, progress=progress)
+        state.update({f"{m}.{n}": p.detach().clone() for n, p in net.state_dict().items()})
+        log[m] = round(sum(res.losses[-50:]) / len(res.losses[-50:]), 5)
+    return state, log
+
+
+def match_predictions(nets, cond: Tensor, radius: int, steps: int, *, generator: torch.Generator,
+                      samples: int = 1) -> dict:
+    """The three matchers of one condition batch, flows ``[B, 2, H, W]`` in pixels: ``"argmax"`` (the
+    correlation argmax stored in ``cond``), ``"regress"`` (one call) and ``"diffusion"`` (:func:`sample_flow`,
+    ``steps`` x ``samples`` calls) from a :func:`load_match_suite` pair of nets."""
+    if cond.ndim != 4 or cond.shape[1] != condition_channels(radius):
+        raise ValueError(f"match_predictions: cond must be [B, {condition_channels(radius)}, H, W] "
+                         f"(match_condition at radius {radius}), got {tuple(cond.shape)}")
+    return {"argmax": cond[:, -2:] * FLOW_SCALE, "regress": regress_flow(nets["regress"], cond),
+            "diffusion": sample_flow(nets["diffusion"], cond, steps, generator=generator, samples=samples)}
+
+
+def load_match_suite(state: dict, cfg: dict) -> nn.ModuleDict:
+    """``{"diffusion": DenseNet, "regress": DenseNet}`` (eval mode) from a :func:`train_match_suite` state dict."""
+    out = nn.ModuleDict()
+    for m in MATCH_METHODS:
+        net = _match_net(m, condition_channels(cfg["radius"]), cfg["width"])
+        net.load_state_dict({k[len(m) + 1:]: v for k, v in state.items() if k.startswith(m + ".")})
         out[m] = net
     return out.eval()

@@ -494,15 +494,22 @@ KINDS["dense"] = Kind("dense", _load_dense, _train_dense, _cost_dense, _eval_den
 _load_calib = _state_entry_loader("..dense", "load_calib_suite")
 
 
-def _train_calib(recipe, folder, device="cpu", resume=True, progress=True):
-    import time
+def _dense_suite_trainer(fn: str):
+    """The ``train`` of a chapter-29 toy entry: ``dmlab.dense.<fn>(recipe.model, progress=...)`` returns
+    ``(state_dict, final_losses)``, saved by :func:`_save_toy_entry`."""
+    def train(recipe, folder, device="cpu", resume=True, progress=True):
+        import time
 
-    from ..dense import train_calib_suite
+        from .. import dense
 
-    t0 = time.time()
-    state, log = train_calib_suite(recipe.model, progress=progress)
-    state = {k: v.contiguous() for k, v in state.items()}
-    return _save_toy_entry(recipe, folder, state, {"final_loss": log}, time.time() - t0)
+        t0 = time.time()
+        state, log = getattr(dense, fn)(recipe.model, progress=progress)
+        state = {k: v.contiguous() for k, v in state.items()}
+        return _save_toy_entry(recipe, folder, state, {"final_loss": log}, time.time() - t0)
+    return train
+
+
+_train_calib = _dense_suite_trainer("train_calib_suite")
 
 
 def _cost_calib(obj, recipe) -> dict:
@@ -518,6 +525,28 @@ def _cost_calib(obj, recipe) -> dict:
 
 
 KINDS["calib"] = Kind("calib", _load_calib, _train_calib, _cost_calib, _eval_dense)
+
+
+_load_match = _state_entry_loader("..dense", "load_match_suite")
+
+
+_train_match = _dense_suite_trainer("train_match_suite")
+
+
+def _cost_match(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+    from ..dense import condition_channels
+
+    s, c = recipe.model["size"], condition_channels(recipe.model["radius"])
+    with torch.no_grad():  # one call of the diffusion net (the regression net is the same network)
+        flops = count_flops(lambda: obj["diffusion"](torch.zeros(1, c, s, s), torch.zeros(1, 2, s, s),
+                                                     torch.zeros(1, dtype=torch.long)))
+    return {"params": sum(p.numel() for m in obj.values() for p in m.parameters()), "flops_per_call": int(flops)}
+
+
+KINDS["match"] = Kind("match", _load_match, _train_match, _cost_match, _eval_dense)
 
 
 ADAPTER_KINDS = tuple(k for k, v in KINDS.items() if v.adapter)

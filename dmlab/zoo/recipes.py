@@ -242,6 +242,18 @@ for _s in range(3):
         {"seed": _s, "n_train": 768, "data_seed": 430, "size": 32, "steps": 400, "batch": 16, "lr": 2e-3,
          "width": 16},
         TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=32)
+# chapter 29, DiffMatch: conditional flow diffusion against one-call flow regression (same net, data and budget),
+# both conditioned on a local NCC cost volume and the correlation-argmax flow, one entry per training seed
+MATCH_CONFIG = {"n_train": 384, "data_seed": 780, "size": 32, "p_flat": 0.4, "patch": 5, "radius": 4, "steps": 800,
+                "batch": 16, "lr": 2e-3, "width": 10}
+for _s in range(3):
+    RECIPES[f"match_s{_s}"] = Recipe(
+        f"match_s{_s}", "match", f"chapter 29's dense-matching nets on rendered 32x32 view pairs with exact flow, "
+        f"training seed {_s}: a conditional diffusion model over the flow field (DiffMatch, x0-prediction) and the "
+        "same net regressing the flow in one call; same pairs, steps, batch and width",
+        dict(MATCH_CONFIG, seed=_s),
+        TrainConfig(steps=MATCH_CONFIG["steps"], batch_size=16, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0),
+        size=32)
 # Chapter 27 (architecture distillation, KOALA): dit_s with its two middle blocks removed, distilled from dit_s with
 # output-only KD or output + feature KD at one site (self-attention, feed-forward or whole-block outputs); the same
 # batches per seed for every site, three training seeds each (kind "kd_student").
