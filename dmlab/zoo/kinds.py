@@ -742,3 +742,40 @@ def _cost_latent_edit(obj, recipe) -> dict:
 
 # asymmetric decoders of sd_tiny (Asymmetric VQGAN, paper 77)
 KINDS["latent_edit"] = Kind("latent_edit", _load_latent_edit, _train_latent_edit, _cost_latent_edit, _eval_beyond)
+
+
+# ----------------------------------------------------------------------------------------------- chapter 23, papers 9, 45
+def _load_pretraining(folder, entry, root):
+    from .recipes import get_recipe
+
+    fn = entry.get("recipe", {}).get("extra", {}).get("load") or get_recipe(folder.name).extra["load"]
+    return _state_entry_loader("..pretraining", fn)(folder, entry, root)
+
+
+def _train_pretraining(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from .. import pretraining
+    from ..bench import num_threads
+
+    t0 = time.process_time()
+    with num_threads(1):  # tiny MLPs: one thread is faster, and reproducible
+        state, log = getattr(pretraining, recipe.extra["train"])(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.process_time() - t0, recipe.train.steps)
+
+
+def _cost_pretraining(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    den = next(iter(obj.values()))[0]
+    x, y = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        flops = count_flops(lambda: den(x, torch.ones(1), class_labels=y))
+    return {"params": sum(p.numel() for v in obj.values() for d in v for p in d.net.parameters()),
+            "flops_per_call": int(flops)}
+
+
+# slight label corruption / CEP (paper 9) and KIND (paper 45) on the exact class-conditional triads
+KINDS["pretraining"] = Kind("pretraining", _load_pretraining, _train_pretraining, _cost_pretraining, _eval_beyond)
