@@ -98,7 +98,10 @@ def cep_delta(shape, gamma: float, kind: str, generator: torch.Generator, *, dty
     if not isinstance(generator, torch.Generator):
         raise TypeError("generator must be a torch.Generator (CEP draws fresh noise every training step)")
     shape = tuple(shape)
-    z = torch.randn(shape, generator=generator) if kind == "gaussian" else 2 * torch.rand(shape, generator=generator) - 1
+    if kind == "gaussian":
+        z = torch.randn(shape, generator=generator)
+    else:
+        z = 2 * torch.rand(shape, generator=generator) - 1
     return (gamma / math.sqrt(shape[-1]) * z).to(dtype)
 
 

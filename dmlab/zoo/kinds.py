@@ -15,6 +15,8 @@ branches spread over the zoo's files):
 * ``kd_student`` - a zoo DiT with blocks removed, distilled from it (:mod:`dmlab.distill.architecture`, chapter 27);
 * ``maskgit`` - a patch VQ and a masked-token transformer (:mod:`dmlab.masked_tokens`, chapter 27).
 * ``latent_edit`` - asymmetric decoders of ``sd_tiny`` and their plain control (:mod:`dmlab.latent_edit`, chapter 33).
+* ``pretraining`` - chapter 23's class-conditional toys of the exact triads: clean, label-corrupted and CEP-trained
+  models (paper 9) and KIND against LoRA transfers (paper 45) (:mod:`dmlab.pretraining`).
 
 Adapters (exit heads, linear attention, finetune, kd_student) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
 fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
@@ -744,7 +746,7 @@ def _cost_latent_edit(obj, recipe) -> dict:
 KINDS["latent_edit"] = Kind("latent_edit", _load_latent_edit, _train_latent_edit, _cost_latent_edit, _eval_beyond)
 
 
-# ----------------------------------------------------------------------------------------------- chapter 23, papers 9, 45
+# ------------------------------------------------------------------------------------------ chapter 23, papers 9, 45
 def _load_pretraining(folder, entry, root):
     from .recipes import get_recipe
 
