@@ -17,6 +17,8 @@ branches spread over the zoo's files):
 * ``latent_edit`` - asymmetric decoders of ``sd_tiny`` and their plain control (:mod:`dmlab.latent_edit`, chapter 33).
 * ``speedup`` - SpeedUpNet cross-attention adapters of ``sd_tiny`` and a fine-tuned copy of it (:mod:`dmlab.distill.speedup`,
   chapter 24).
+* ``pretraining`` - chapter 23's class-conditional toys of the exact triads: clean, label-corrupted and CEP-trained
+  models (paper 9) and KIND against LoRA transfers (paper 45) (:mod:`dmlab.pretraining`).
 
 Adapters (exit heads, linear attention, finetune, kd_student) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
 fingerprint of the base's weight files, so a retrained base is detected before the adapter is used.
@@ -822,3 +824,38 @@ def _eval_speedup(name, root):
 
 
 KINDS["speedup"] = Kind("speedup", _load_speedup, _train_speedup, _cost_speedup, _eval_speedup, adapter=True)
+# ------------------------------------------------------------------------------------------ chapter 23, papers 9, 45
+def _load_pretraining(folder, entry, root):
+    from .recipes import get_recipe
+
+    fn = entry.get("recipe", {}).get("extra", {}).get("load") or get_recipe(folder.name).extra["load"]
+    return _state_entry_loader("..pretraining", fn)(folder, entry, root)
+
+
+def _train_pretraining(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from .. import pretraining
+    from ..bench import num_threads
+
+    t0 = time.process_time()
+    with num_threads(1):  # tiny MLPs: one thread is faster, and reproducible
+        state, log = getattr(pretraining, recipe.extra["train"])(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.process_time() - t0, recipe.train.steps)
+
+
+def _cost_pretraining(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    den = next(iter(obj.values()))[0]
+    x, y = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        flops = count_flops(lambda: den(x, torch.ones(1), class_labels=y))
+    return {"params": sum(p.numel() for v in obj.values() for d in v for p in d.net.parameters()),
+            "flops_per_call": int(flops)}
+
+
+# slight label corruption / CEP (paper 9) and KIND (paper 45) on the exact class-conditional triads
+KINDS["pretraining"] = Kind("pretraining", _load_pretraining, _train_pretraining, _cost_pretraining, _eval_beyond)

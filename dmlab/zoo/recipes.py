@@ -345,3 +345,23 @@ RECIPES["speedup_adapters"] = Recipe(
      "ft_targets": ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]},
     TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=0, ema=0.0, p_uncond=0.0), size=16,
     extra={"base": "sd_tiny"})
+# Chapter 23, paper 9 (slight label corruption, CEP): class-conditional MLPs on the exact 10-class triads, clean labels,
+# 2.5/5/10 % corrupted labels, CEP-G and CEP-U (gamma = 1); same data, init, batches and steps per training seed.
+RECIPES["corruption_gmm"] = Recipe(
+    "corruption_gmm", "pretraining", "chapter 23's class-conditional toy models of the exact 10-class triads: clean "
+    "labels, 2.5/5/10% of labels corrupted, and conditional embedding perturbation (CEP-G, CEP-U); 3 training seeds",
+    {"seeds": [0, 1, 2], "n_per_class": 32, "data_seed": 90, "hidden": 32, "depth": 3, "steps": 1500, "batch": 256,
+     "lr": 2e-3, "rates": [0.0, 0.025, 0.05, 0.1], "cep": {"cep_g": ["gaussian", 1.0], "cep_u": ["uniform", 1.0]}},
+    TrainConfig(steps=1500, batch_size=256, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=2,
+    extra={"module": "pretraining", "train": "train_corruption_models", "load": "load_corruption_models"})
+
+# Chapter 23, paper 45 (KIND): a plain class MLP and a KIND-decomposed one pre-trained on triads classes 0-4, then
+# transferred to classes 5-9 by LoRA (plain) and by fresh tailors (KIND) at matched trainable parameters.
+RECIPES["kind_gmm"] = Recipe(
+    "kind_gmm", "pretraining", "chapter 23's KIND test: plain and KIND-decomposed class MLPs pre-trained on triads "
+    "classes 0-4, transferred to classes 5-9 by LoRA and by KIND tailors at matched trainable parameters; 3 seeds",
+    {"seeds": [0, 1, 2], "n_per_class": 32, "data_seed": 450, "hidden": 32, "depth": 3, "pre_steps": 1500,
+     "steps": 600, "batch": 256, "lr": 5e-3, "pre_lr": 2e-3, "r_shared": 12, "r_class": 3, "lora_rank": 15,
+     "source": [0, 1, 2, 3, 4], "target": [5, 6, 7, 8, 9]},
+    TrainConfig(steps=2100, batch_size=256, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=2,
+    extra={"module": "pretraining", "train": "train_kind_models", "load": "load_kind_models"})
