@@ -14,6 +14,8 @@ branches spread over the zoo's files):
 * ``rrcm_s*`` / ``noiseaug_s*`` (kind ``robust_classifier``) - chapter 25's noise-robust digit classifiers (paper 65);
 * ``kd_student`` - a zoo DiT with blocks removed, distilled from it (:mod:`dmlab.distill.architecture`, chapter 27);
 * ``maskgit`` - a patch VQ and a masked-token transformer (:mod:`dmlab.masked_tokens`, chapter 27).
+* ``invdiff`` - InvDiff's lightweight guidance modules on a biased zoo model, and their baselines
+  (:mod:`dmlab.debias`, chapter 22).
 * ``latent_edit`` - asymmetric decoders of ``sd_tiny`` and their plain control (:mod:`dmlab.latent_edit`, chapter 33).
 
 Adapters (exit heads, linear attention, finetune, kd_student) name their ``base`` zoo model in ``recipe.extra["base"]``; their registry entry records a
@@ -252,6 +254,10 @@ def _train_finetune(recipe, folder, device="cpu", resume=True, progress=True):
     method, kw = _finetune_kw(recipe.model)
     base = load(recipe.extra["base"])
     x, y = load_digits("train", size=recipe.size)
+    if "bias" in recipe.extra:  # chapter 22 (InvDiff): digits with an edge bar correlated with their parity
+        from ..debias import biased_digits
+
+        x, y, _ = biased_digits("train", size=recipe.size, **recipe.extra["bias"])
     keep = torch.isin(y, torch.tensor(recipe.extra["classes"]))
     tc = recipe.train
     reg = None
@@ -742,3 +748,32 @@ def _cost_latent_edit(obj, recipe) -> dict:
 
 # asymmetric decoders of sd_tiny (Asymmetric VQGAN, paper 77)
 KINDS["latent_edit"] = Kind("latent_edit", _load_latent_edit, _train_latent_edit, _cost_latent_edit, _eval_beyond)
+
+
+# ----------------------------------------------------------------------------------------------- chapter 22 (InvDiff)
+_load_invdiff = _state_entry_loader("..debias", "load_entry")
+
+
+def _train_invdiff(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..debias import train_entry
+
+    t0 = time.time()
+    state, log = train_entry(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.time() - t0)
+
+
+def _cost_invdiff(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    delta = next(iter(obj.values()))
+    x, t, y = torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        flops = count_flops(lambda: delta(x, t, class_labels=y))
+    return {"params": sum(p.numel() for d in obj.values() for p in d.parameters()), "flops_per_call": int(flops)}
+
+
+KINDS["invdiff"] = Kind("invdiff", _load_invdiff, _train_invdiff, _cost_invdiff, _eval_beyond, adapter=True)

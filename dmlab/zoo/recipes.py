@@ -308,3 +308,22 @@ RECIPES["asym_decoder"] = Recipe(
      "train_decoder": False},
     TrainConfig(steps=150, batch_size=32, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.0), size=16,
     extra={"base": "sd_tiny"})
+
+
+# Chapter 22 (InvDiff, paper 44): unet_s fine-tuned on digits with a white left-edge bar on 90 % of the even and
+# 10 % of the odd digits (the biased model), and on it InvDiff's lightweight guidance modules trained from 200
+# annotated rows per draw, with the group-balanced (reweighting) and plain (ERM) losses at the same steps and batches (kind
+# "invdiff", dmlab.debias.train_entry).
+RECIPES["bias_full"] = Recipe(
+    "bias_full", "finetune", "unet_s fine-tuned on digits whose left-edge bar follows the parity 90 % of the time "
+                             "(chapter 22, InvDiff's biased model)",
+    {"method": "full"}, TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.1, seed=0,
+                                    checkpoint_every=10 ** 6),
+    extra={"base": "unet_s", "classes": list(range(10)), "bias": {"rate": 0.9, "seed": 0}})
+RECIPES["invdiff_deltas"] = Recipe(
+    "invdiff_deltas", "invdiff", "InvDiff guidance modules on bias_full from 200 annotated rows (3 annotation "
+    "draws): invariant loss (lambda 1), group reweighting (lambda 0) and plain loss, same steps and batches",
+    {"base": "bias_full", "rate": 0.9, "data_seed": 0, "n_annotated": 200, "draws": [0, 1, 2],
+     "methods": {"invdiff": 1.0, "reweight": 0.0, "erm": None}, "steps": 400, "batch": 64, "lr": 2e-3,
+     "width": 16},
+    TrainConfig(steps=400, batch_size=64, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), extra={"base": "bias_full"})
