@@ -4,7 +4,8 @@ Diffusion Models", KDD 2025).
 InvDiff keeps a pre-trained (biased) diffusion model frozen and learns a lightweight module ``G_psi`` whose output is
 added to the frozen network's noise prediction, ``eps(x, t, c) = eps_frozen(x, t, c) + G_psi(x, t, Phi(c))``
 (:class:`EpsWithDelta`; the paper's "mean-shift" guidance term, its last layer initialised to zero so training starts
-from the frozen model). ``G_psi`` is trained with the denoising loss averaged *per group* of the training data plus
+from the frozen model; the official scripts mix the outputs, ``(1 - r) eps_frozen + r G_psi`` with a smaller UNet as
+``G_psi``, and also provide this additive form). ``G_psi`` is trained with the denoising loss averaged *per group* of the training data plus
 an invariance penalty, the variance of the group losses across groups (:func:`invariant_loss`):
 
     L = mean_g L_g + lambda * Var_g L_g,    L_g = mean over the group's rows of ||eps - eps_theta(x_t, t, c)||^2.

@@ -109,3 +109,13 @@ def test_full_scale_path_on_a_config_built_sd_unet():
     with torch.no_grad():
         out = samplers.sample_euler(Dg, lat * sig[0], sig, cond={"encoder_hidden_states": text})
     assert out.shape == lat.shape and torch.isfinite(out).all()
+
+
+def test_zoo_entry_holds_one_trained_module_per_method_and_draw():
+    from dmlab import zoo
+
+    deltas = zoo.load("invdiff_deltas")
+    cfg = zoo.get_recipe("invdiff_deltas").model
+    assert sorted(deltas) == sorted(f"{m}_s{s}" for m in cfg["methods"] for s in cfg["draws"])
+    assert all(isinstance(d, B.DeltaNet) and d.out.weight.abs().sum() > 0 for d in deltas.values())
+    assert zoo.get_recipe("bias_full").extra["bias"] == {"rate": cfg["rate"], "seed": cfg["data_seed"]}
