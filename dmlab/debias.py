@@ -5,22 +5,21 @@ InvDiff keeps a pre-trained (biased) diffusion model frozen and learns a lightwe
 added to the frozen network's noise prediction, ``eps(x, t, c) = eps_frozen(x, t, c) + G_psi(x, t, Phi(c))``
 (:class:`EpsWithDelta`; the paper's "mean-shift" guidance term, its last layer initialised to zero so training starts
 from the frozen model; the official scripts mix the outputs, ``(1 - r) eps_frozen + r G_psi`` with a smaller UNet as
-``G_psi``, and also provide this additive form). ``G_psi`` is trained with the denoising loss averaged *per group* of the training data plus
-an invariance penalty, the variance of the group losses across groups (:func:`invariant_loss`):
+``G_psi``, and also provide this additive form). ``G_psi`` is trained with the denoising loss averaged *per group* of
+the training data plus an invariance penalty, the variance of the group losses across groups (:func:`invariant_loss`):
 
     L = mean_g L_g + lambda * Var_g L_g,    L_g = mean over the group's rows of ||eps - eps_theta(x_t, t, c)||^2.
 
-The groups separate the rows whose spurious attribute agrees with the bias from those where it does not. The paper
-infers them without labels (a "grouper" that maximises the spread of the frozen model's per-group losses); here they
-come from a small annotated subset (:func:`annotate`). With ``lambda = 0`` the same loss is group-balanced
-*reweighting* (each group weighted by the inverse of its frequency), the simplest baseline; with no groups it is the
-plain denoising loss on the subset (ERM).
+The groups should separate the rows whose spurious attribute agrees with the bias from those where it does not. The
+paper infers them without labels (:func:`infer_groups`, a "grouper" that maximises the spread of the frozen model's
+per-group losses); they can also come from a small annotated subset (:func:`annotate`). With ``lambda = 0`` the same
+loss is group-balanced *reweighting* (each group weighted by the inverse of its frequency), the simplest baseline;
+with no groups it is the plain denoising loss (ERM).
 
 The toy bias (:func:`biased_digits`): a white bar along the left edge of an 8x8 digit (a column that is background
-in every real digit), put on 90 % of the
-even digits and 10 % of the odd ones, read back exactly by :func:`has_mark`. The official code (Hundredl/InvDiff,
-``src/model/epsilon_with_delta.py``, ``src/train_text_to_image.py``) was read for the structure of the module and
-the loss; this is a reimplementation.
+in every real digit), put on 90 % of the even digits and 10 % of the odd ones, read back exactly by :func:`has_mark`.
+The official code (Hundredl/InvDiff, ``src/model/epsilon_with_delta.py``, ``src/train_text_to_image.py``) was read
+for the structure of the module and the loss; this is a reimplementation.
 """
 from __future__ import annotations
 
@@ -33,7 +32,7 @@ from torch import Tensor, nn
 from .denoisers import net_output
 
 __all__ = ["MARK", "add_mark", "has_mark", "biased_digits", "aligned", "annotate", "DeltaNet", "EpsWithDelta",
-           "group_losses", "invariant_loss", "train_delta", "with_delta", "train_entry", "load_entry"]
+           "group_losses", "invariant_loss", "train_delta", "infer_groups", "with_delta", "train_entry", "load_entry"]
 
 MARK = 1  # the mark is a white bar: the MARK left-most columns set to +1
 
@@ -228,6 +227,40 @@ def train_delta(model: EpsWithDelta, x: Tensor, cond: Tensor, alphas_cumprod: Te
     return res
 
 
+def infer_groups(model: nn.Module, x: Tensor, y: Tensor, alphas_cumprod: Tensor, *, n_groups: int = 2,
+                 draws: int = 16, seed: int = 0, steps: int = 500, lr: float = 0.01,
+                 min_weight: float = 3.0) -> Tensor:
+    """InvDiff's bias-annotation inference (the official ``src/group/train_group.py``) without any label of the
+    attribute: the frozen ``model``'s denoising loss per row (``draws`` stratified timesteps, noise from
+    ``torch.Generator().manual_seed(seed)``), then soft assignments ``w`` [n, n_groups] on the simplex that
+    maximise the spread (std) of the per-group mean losses, with ``min_weight`` times the smallest weighted loss
+    added so that no group empties (Adam, ``steps`` steps, projected back to the simplex). Returns the hard group
+    of each row (``argmax w``), int64 [n]."""
+    if not (isinstance(n_groups, int) and n_groups >= 2):
+        raise ValueError(f"n_groups must be an int >= 2, got {n_groups!r}")
+    g = torch.Generator().manual_seed(seed)
+    per_row = torch.zeros(len(x))
+    with torch.no_grad():
+        for k in range(draws):
+            t = torch.full((len(x),), int((k + 0.5) * len(alphas_cumprod) / draws))
+            a = alphas_cumprod[t].view(-1, *[1] * (x.ndim - 1))
+            eps = torch.randn(x.shape, generator=g)
+            out = net_output(model(a.sqrt() * x + (1 - a).sqrt() * eps, t, class_labels=y))
+            per_row += (out[:, : x.shape[1]] - eps).pow(2).flatten(1).mean(1) / draws
+    w = torch.rand(len(x), n_groups, generator=g).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        weighted = per_row[:, None] * w
+        loss = -torch.std(weighted.sum(0) / w.sum(0)) - min_weight * weighted.min()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            w.clamp_(min=0)
+            w /= w.sum(1, keepdim=True)
+    return w.detach().argmax(1)
+
+
 def _entry_data(cfg: dict, draw: int) -> tuple[Tensor, Tensor, Tensor]:
     """The annotated rows of one draw: their images, labels and group ids (1 = the mark follows the bias)."""
     x, y, mark = biased_digits("train", rate=cfg["rate"], seed=cfg["data_seed"])
@@ -236,32 +269,32 @@ def _entry_data(cfg: dict, draw: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def train_entry(cfg: dict, *, progress: bool = True) -> tuple[dict, dict]:
-    """Train the zoo entry ``invdiff_deltas``: per annotation draw and method (``{name: lambda or None}``), one
-    :class:`DeltaNet` on the frozen ``cfg["base"]`` from the draw's annotated rows (same batches for every
-    method). Returns ``(state_dict, log)`` with keys ``"{method}.s{draw}.*"``."""
+    """Train the zoo entry ``invdiff_deltas``: per draw and method (``{name: {"lam": lambda, "groups":
+    "annotated" | "inferred"}}``), one :class:`DeltaNet` on the frozen ``cfg["base"]``: from the draw's annotated
+    rows and their groups, or from every training row with groups from :func:`infer_groups` (no attribute label;
+    stored as ``"inferred.s{draw}.groups"``). Same initial weights and batch draws per draw. Returns
+    ``(state_dict, log)`` with keys ``"{method}.s{draw}.*"``."""
     from .zoo import load
     from .zoo.train import training_alphas_cumprod
 
     base, ac = load(cfg["base"]), training_alphas_cumprod()
-    state, log = {}, {"final_loss": {}, "group_var_over_mean": {}}
+    x_all, y_all, _ = biased_digits("train", rate=cfg["rate"], seed=cfg["data_seed"])
+    state, log = {}, {"final_loss": {}}
     for draw in cfg["draws"]:
-        x, y, groups = _entry_data(cfg, draw)
-        for method, lam in cfg["methods"].items():
-            delta = DeltaNet(1, width=cfg["width"], n_classes=11, seed=draw)
-            model = EpsWithDelta(base, delta)
-            res = train_delta(model, x, y, ac, groups=None if lam is None else groups, lam=lam or 0.0,
-                              steps=cfg["steps"], lr=cfg["lr"], batch_size=cfg["batch"], seed=draw)
+        x_a, y_a, g_a = _entry_data(cfg, draw)
+        for method, spec in cfg["methods"].items():
             key = f"{method}.s{draw}"
+            if spec["groups"] == "inferred":
+                x, y = x_all, y_all
+                groups = infer_groups(base, x, y, ac, seed=draw)
+                state[f"{key}.groups"] = groups.to(torch.int8)
+            else:
+                x, y, groups = x_a, y_a, g_a
+            delta = DeltaNet(1, width=cfg["width"], n_classes=11, seed=draw)
+            res = train_delta(EpsWithDelta(base, delta), x, y, ac, groups=groups, lam=spec["lam"],
+                              steps=cfg["steps"], lr=cfg["lr"], batch_size=cfg["batch"], seed=draw)
             tail = res.losses[-max(1, cfg["steps"] // 10):]
             log["final_loss"][key] = round(sum(tail) / len(tail), 6)
-            with torch.no_grad():  # how large the invariance term is next to the loss it is added to
-                g = torch.Generator().manual_seed(10_000 + draw)
-                from .train import ddpm_batch
-
-                b = ddpm_batch(x, ac, 512, g, labels=y)
-                per_row = (model(b["xt"], b["t"], class_labels=b["y"]) - b["eps"]).pow(2).flatten(1).mean(1)
-                gl = group_losses(per_row, groups[b["idx"]])
-                log["group_var_over_mean"][key] = float(gl.var() / gl.mean())
             state.update({f"{key}.{k}": v for k, v in delta.state_dict().items()})
             if progress:
                 print(f"{key}: final loss {log['final_loss'][key]:.4f}")
@@ -270,14 +303,18 @@ def train_entry(cfg: dict, *, progress: bool = True) -> tuple[dict, dict]:
 
 def load_entry(state: dict, cfg: dict) -> nn.ModuleDict:
     """The modules of the zoo entry ``invdiff_deltas``: an ``nn.ModuleDict`` of :class:`DeltaNet` keyed
-    ``"{method}_s{draw}"`` (in eval mode)."""
-    out = nn.ModuleDict()
+    ``"{method}_s{draw}"`` (in eval mode); its attribute ``groups`` maps ``"{method}_s{draw}"`` to the inferred
+    group of every training row for the methods that inferred them."""
+    out, groups = nn.ModuleDict(), {}
     for draw in cfg["draws"]:
         for method in cfg["methods"]:
             d = DeltaNet(1, width=cfg["width"], n_classes=11)
             pre = f"{method}.s{draw}."
-            d.load_state_dict({k[len(pre):]: v for k, v in state.items() if k.startswith(pre)})
+            if pre + "groups" in state:
+                groups[f"{method}_s{draw}"] = state[pre + "groups"].long()
+            d.load_state_dict({k[len(pre):]: v for k, v in state.items() if k.startswith(pre) and k != pre + "groups"})
             out[f"{method}_s{draw}"] = d.eval()
+    out.groups = groups
     return out
 
 

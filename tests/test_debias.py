@@ -119,3 +119,18 @@ def test_zoo_entry_holds_one_trained_module_per_method_and_draw():
     assert sorted(deltas) == sorted(f"{m}_s{s}" for m in cfg["methods"] for s in cfg["draws"])
     assert all(isinstance(d, B.DeltaNet) and d.out.weight.abs().sum() > 0 for d in deltas.values())
     assert zoo.get_recipe("bias_full").extra["bias"] == {"rate": cfg["rate"], "seed": cfg["data_seed"]}
+
+
+def test_grouper_separates_rows_by_their_loss_without_labels():
+    """infer_groups on a 'model' whose error is larger on half of the rows puts those rows in one group."""
+    y = torch.arange(40) % 2
+    x = torch.zeros(40, 1, 4, 4)
+
+    def model(xt, t, class_labels):  # eps-prediction off by 2 on the rows with label 1
+        return torch.zeros_like(xt) + 2.0 * class_labels.float().view(-1, 1, 1, 1)
+
+    ac = torch.linspace(0.99, 0.01, 100)
+    g = B.infer_groups(model, x, y, ac, draws=4, steps=200)
+    assert g.shape == (40,) and (torch.equal(g, y) or torch.equal(g, 1 - y))
+    with pytest.raises(ValueError, match="n_groups"):
+        B.infer_groups(model, x, y, ac, n_groups=1)
