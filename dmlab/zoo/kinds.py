@@ -14,6 +14,8 @@ branches spread over the zoo's files):
 * ``rrcm_s*`` / ``noiseaug_s*`` (kind ``robust_classifier``) - chapter 25's noise-robust digit classifiers (paper 65);
 * ``kd_student`` - a zoo DiT with blocks removed, distilled from it (:mod:`dmlab.distill.architecture`, chapter 27);
 * ``maskgit`` - a patch VQ and a masked-token transformer (:mod:`dmlab.masked_tokens`, chapter 27).
+* ``invdiff`` - InvDiff's lightweight guidance modules on a biased zoo model, and their baselines
+  (:mod:`dmlab.debias`, chapter 22).
 * ``latent_edit`` - asymmetric decoders of ``sd_tiny`` and their plain control (:mod:`dmlab.latent_edit`, chapter 33).
 * ``speedup`` - SpeedUpNet cross-attention adapters of ``sd_tiny`` and a fine-tuned copy of it (:mod:`dmlab.distill.speedup`,
   chapter 24).
@@ -256,6 +258,10 @@ def _train_finetune(recipe, folder, device="cpu", resume=True, progress=True):
     method, kw = _finetune_kw(recipe.model)
     base = load(recipe.extra["base"])
     x, y = load_digits("train", size=recipe.size)
+    if "bias" in recipe.extra:  # chapter 22 (InvDiff): digits with an edge bar correlated with their parity
+        from ..debias import biased_digits
+
+        x, y, _ = biased_digits("train", size=recipe.size, **recipe.extra["bias"])
     keep = torch.isin(y, torch.tensor(recipe.extra["classes"]))
     tc = recipe.train
     reg = None
@@ -824,6 +830,8 @@ def _eval_speedup(name, root):
 
 
 KINDS["speedup"] = Kind("speedup", _load_speedup, _train_speedup, _cost_speedup, _eval_speedup, adapter=True)
+
+
 # ------------------------------------------------------------------------------------------ chapter 23, papers 9, 45
 def _load_pretraining(folder, entry, root):
     from .recipes import get_recipe
@@ -859,3 +867,32 @@ def _cost_pretraining(obj, recipe) -> dict:
 
 # slight label corruption / CEP (paper 9) and KIND (paper 45) on the exact class-conditional triads
 KINDS["pretraining"] = Kind("pretraining", _load_pretraining, _train_pretraining, _cost_pretraining, _eval_beyond)
+
+
+# ----------------------------------------------------------------------------------------------- chapter 22 (InvDiff)
+_load_invdiff = _state_entry_loader("..debias", "load_entry")
+
+
+def _train_invdiff(recipe, folder, device="cpu", resume=True, progress=True):
+    import time
+
+    from ..debias import train_entry
+
+    t0 = time.time()
+    state, log = train_entry(recipe.model, progress=progress)
+    return _save_toy_entry(recipe, folder, state, log, time.time() - t0)
+
+
+def _cost_invdiff(obj, recipe) -> dict:
+    import torch
+
+    from ..bench import count_flops
+
+    delta = next(iter(obj.values()))
+    x, t, y = torch.zeros(1, 1, 8, 8), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        flops = count_flops(lambda: delta(x, t, class_labels=y))
+    return {"params": sum(p.numel() for d in obj.values() for p in d.parameters()), "flops_per_call": int(flops)}
+
+
+KINDS["invdiff"] = Kind("invdiff", _load_invdiff, _train_invdiff, _cost_invdiff, _eval_beyond, adapter=True)

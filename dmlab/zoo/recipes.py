@@ -365,3 +365,22 @@ RECIPES["kind_gmm"] = Recipe(
      "source": [0, 1, 2, 3, 4], "target": [5, 6, 7, 8, 9]},
     TrainConfig(steps=2100, batch_size=256, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=2,
     extra={"module": "pretraining", "train": "train_kind_models", "load": "load_kind_models"})
+# Chapter 22 (InvDiff, paper 44): unet_s fine-tuned on digits with a white left-edge bar on 90 % of the even and
+# 10 % of the odd digits (the biased model), and on it InvDiff's lightweight guidance modules trained from 200
+# annotated rows per draw, with the group-balanced loss (reweighting), and from groups inferred without labels, at
+# the same steps and batches (kind "invdiff", dmlab.debias.train_entry).
+RECIPES["bias_full"] = Recipe(
+    "bias_full", "finetune", "unet_s fine-tuned on digits whose left-edge bar follows the parity 90 % of the time "
+                             "(chapter 22, InvDiff's biased model)",
+    {"method": "full"}, TrainConfig(steps=300, batch_size=32, lr=1e-3, warmup=0, ema=0.0, p_uncond=0.1, seed=0,
+                                    checkpoint_every=10 ** 6),
+    extra={"base": "unet_s", "classes": list(range(10)), "bias": {"rate": 0.9, "seed": 0}})
+RECIPES["invdiff_deltas"] = Recipe(
+    "invdiff_deltas", "invdiff", "InvDiff guidance modules on bias_full (3 draws): invariant loss (lambda 1) and "
+    "group reweighting (lambda 0) from 200 annotated rows, and the invariant loss on all rows with groups inferred "
+    "without labels; same steps, batches and initial weights",
+    {"base": "bias_full", "rate": 0.9, "data_seed": 0, "n_annotated": 200, "draws": [0, 1, 2],
+     "methods": {"invdiff": {"lam": 1.0, "groups": "annotated"}, "reweight": {"lam": 0.0, "groups": "annotated"},
+                 "inferred": {"lam": 1.0, "groups": "inferred"}}, "steps": 400, "batch": 64, "lr": 2e-3,
+     "width": 16},
+    TrainConfig(steps=400, batch_size=64, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), extra={"base": "bias_full"})
