@@ -64,8 +64,14 @@ def browser_paths() -> tuple[str | None, str | None]:
     return chromium, shutil.which("chromedriver")
 
 
-def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: bool = True) -> dict:
-    """``{page: problems}`` for every HTML page of the built book (an empty list when a page is fine)."""
+def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, narrow: int | None = 1200,
+                shots: bool = True) -> dict:
+    """``{page: problems}`` for every HTML page of the built book (an empty list when a page is fine).
+
+    Each page is probed at ``width`` (and photographed there) and, when ``narrow`` is given, again at that window
+    width for overflow only: about 1200 px is the narrowest window where the theme still shows both sidebars, so the
+    article, and the 88-column code in it, is at its narrowest there.
+    """
     try:
         from selenium import webdriver
     except ImportError as e:  # pragma: no cover - depends on the machine
@@ -104,6 +110,11 @@ def check_pages(html_dir=None, *, width: int = 1400, height: int = 900, shots: b
             drv.execute_script(_SETTLE)
             r = drv.execute_script(_PROBE)
             probs = [f"{o['kind']} {o['over']} px too wide: {o['text']!r}" for o in r["overflow"]]
+            if narrow:
+                drv.set_window_size(narrow, height)
+                probs += [f"{o['kind']} {o['over']} px too wide at {narrow} px: {o['text']!r}"
+                          for o in drv.execute_script(_PROBE)["overflow"]]
+                drv.set_window_size(width, height)
             if r["raw_math"]:
                 probs.append(f"{r['raw_math']} text node(s) with unrendered math")
             probs += [f"network request: {u}" for u in sorted(set(r["requests"]))]

@@ -2,9 +2,9 @@
 digits that ship with scikit-learn, committed as safetensors under ``data/zoo/`` with a registry.
 
 >>> clf = dmlab.zoo.load("classifier")  # the yardstick's feature network
->>> denoiser, unet = dmlab.zoo.load_denoiser("unet_l")  # D(x, sigma, class_labels=y), model
+>>> denoiser, unet = dmlab.zoo.load_denoiser("unet_l")  # D(x, sigma, class_labels=y)
 >>> pipe = dmlab.zoo.load("sd_tiny")  # a real StableDiffusionPipeline, offline
->>> heads = dmlab.zoo.load("dit_l_exit")  # an adapter: DeeDiff exit heads trained on dit_l
+>>> heads = dmlab.zoo.load("dit_l_exit")  # an adapter: DeeDiff exit heads on dit_l
 
 Adapters (exit heads, linear attention) are zoo entries like the models, with a recipe naming their base model.
 Every file's sha256 is checked against ``registry.json`` before it is loaded. Retrain any model with
