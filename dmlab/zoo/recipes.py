@@ -230,9 +230,9 @@ for _s in range(3):
         f"dense_s{_s}", "dense", f"chapter 29's image-conditioned depth+normal nets on rendered 32x32 scenes, training "
         f"seed {_s}: Marigold-style eps-prediction, one-step x0 (Lotus-D), x0 + detail preserver (Lotus), and a "
         "PrimeDepth refiner on unet_l's frozen preimage; same data, steps, batch and width",
-        {"seed": _s, "n_train": 768, "data_seed": 290, "size": 32, "steps": 400, "batch": 16, "lr": 2e-3,
+        {"seed": _s, "n_train": 768, "data_seed": 290, "size": 32, "steps": 800, "batch": 16, "lr": 4e-3,
          "width": 16, "frozen": "unet_l", "preimage_sigma": 0.1},
-        TrainConfig(steps=400, batch_size=16, lr=2e-3, warmup=0, ema=0.0, p_uncond=0.0), size=32)
+        TrainConfig(steps=800, batch_size=16, lr=4e-3, warmup=0, ema=0.0, p_uncond=0.0), size=32)
 # chapter 29, DM-Calib: camera-image prediction against direct (f, cx, cy) regression, one entry per training seed
 for _s in range(3):
     RECIPES[f"calib_s{_s}"] = Recipe(
