@@ -4,7 +4,9 @@ attention with a degradation-removal module (PASD).
 
 * :class:`SRNet` - a small conditional UNet ``f(x_t, lr_up, t) -> x0`` on ``[N, 1, H, W]`` images in ``[-1, 1]``:
   the noisy HR image and the bicubic-upsampled LR observation are concatenated (SR3, Saharia et al. 2022), time
-  enters by FiLM, and the network predicts the residual over the bicubic image. ``paca=True`` adds PASD's
+  enters by FiLM, and the network predicts the residual over the bicubic image. ``residual=s`` diffuses that
+  residual itself, scaled to unit variance (``z = (x - lr_up) / s``, as ResShift and most SR diffusion code), with
+  the v-prediction preconditioning ``x0 = lr_up + s (alpha_t z_t + sigma_t F)``. ``paca=True`` adds PASD's
   degradation-removal module and pixel-aware cross attention (:class:`DegradationRemoval`,
   :class:`PixelAwareCrossAttention`).
 * :func:`alpha_sigma`, :func:`sr_loss`, :func:`sample_sr` - the cosine VP schedule on ``t in [0, 1]``, the x0 loss,
@@ -141,19 +143,30 @@ class SRNet(nn.Module):
     ``paca=True`` (with ``cond="latent"``) adds PASD's :class:`DegradationRemoval` and a
     :class:`PixelAwareCrossAttention` on the ``H/2`` grid, the tiny model's latent grid (PASD's PACA also acts on
     the UNet's latent-resolution feature maps; full-resolution attention would cost 2.6 s per training step here).
+
+    ``residual=s`` (a float; ``None``: off) makes the model diffuse the scaled residual ``z = (x - lr_up) / s``
+    instead of the HR image: ``x`` in :meth:`forward` is then the noisy state ``z_t`` and the output is
+    ``x0 = lr_up + s (alpha_t z_t + sigma_t F(z_t, lr_up, t))`` (v-prediction preconditioning for unit-variance
+    data), with ``F``'s last layer at zero, so an untrained model's one-step output is exactly ``lr_up``.
+    :func:`sample_sr`, :func:`sr_loss` and the distillation losses handle the state (``model.residual_scale``).
     """
 
     def __init__(self, width: int = 16, emb: int = 32, cond: str = "concat", paca: bool = False,
-                 inner: tuple[int, int, int, int] | None = None):
+                 inner: tuple[int, int, int, int] | None = None, residual: float | None = None):
         super().__init__()
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"SRNet: width must be an int >= 1, got {width!r}")
+        if residual is not None and (isinstance(residual, bool) or not isinstance(residual, (int, float))
+                                     or residual <= 0):
+            raise ValueError(f"SRNet: residual must be None or a scale > 0 (e.g. 0.13), got {residual!r}")
         if cond not in ("concat", "latent"):
             raise ValueError(f"SRNet: cond must be 'concat' or 'latent', got {cond!r}")
         if paca and cond != "latent":
             raise ValueError("SRNet: paca=True needs cond='latent' (PACA is PASD's addition to a latent model)")
         self.config = {"width": width, "emb": emb, "cond": cond, "paca": bool(paca),
-                       "inner": None if inner is None else list(inner)}
+                       "inner": None if inner is None else list(inner),
+                       "residual": None if residual is None else float(residual)}
+        self.residual_scale = self.config["residual"]
         w, w2 = width, 2 * width
         inner = inner or (w, w2, w2, w)
         self.temb = nn.Linear(emb, emb)
@@ -165,7 +178,7 @@ class SRNet(nn.Module):
         self.up = nn.Conv2d(w2, w, 3, padding=1)
         self.rb4 = _ResBlock(w, emb, inner[3])
         self.outc = nn.Conv2d(w, 1, 3, padding=1)
-        if cond == "concat":  # an untrained concat model returns lr_up: training starts from bicubic
+        if cond == "concat" or residual is not None:  # untrained, it returns lr_up: training starts at bicubic
             nn.init.zeros_(self.outc.weight)
             nn.init.zeros_(self.outc.bias)
         if cond == "latent":
@@ -192,7 +205,11 @@ class SRNet(nn.Module):
         h2 = self.rb3(self.rb2(h2, e), e)
         h = self.rb4(h1 + self.up(F.interpolate(h2, scale_factor=2, mode="nearest")), e)
         out = self.outc(F.silu(h))
-        out = out + lr_up if self.config["cond"] == "concat" else out
+        if self.residual_scale is not None:  # preconditioned: x0 = lr_up + s (alpha_t z_t + sigma_t F)
+            a, sg = alpha_sigma(t)
+            out = lr_up + self.residual_scale * (a[:, None, None, None] * x + sg[:, None, None, None] * out)
+        elif self.config["cond"] == "concat":
+            out = out + lr_up
         return (out, aux) if return_aux else out
 
 
@@ -211,33 +228,56 @@ class PatchDiscriminator(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- losses, sampler
-def _noised(hr: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def _noised(hr: Tensor, generator: torch.Generator, one_step: float = 0.0) -> tuple[Tensor, Tensor]:
     t = torch.rand(hr.shape[0], generator=generator)
+    t[: int(one_step * hr.shape[0])] = 1.0  # this fraction of the batch at t = 1, the one-step point
     a, s = alpha_sigma(t)
     eps = torch.randn(hr.shape, generator=generator)
     return a[:, None, None, None] * hr + s[:, None, None, None] * eps, t
 
 
-def sr_loss(model: SRNet, hr: Tensor, lr_up: Tensor, *, generator: torch.Generator, aux_weight: float = 0.1) -> Tensor:
-    """The x0 loss ``|f(alpha_t hr + sigma_t eps, lr_up, t) - hr|^2`` with ``t ~ U(0, 1)`` (plus, with PACA,
-    ``aux_weight`` times the L1 loss of the degradation-removal heads against the HR image at their scale)."""
-    x_t, t = _noised(hr, generator)
+def _to_state(model, x: Tensor, lr_up: Tensor) -> Tensor:
+    """An HR-space image as the state ``model`` diffuses: itself, or ``(x - lr_up) / s`` for a residual model."""
+    s = getattr(model, "residual_scale", None)
+    return x if s is None else (x - lr_up) / s
+
+
+def _from_state(model, z: Tensor, lr_up: Tensor) -> Tensor:
+    s = getattr(model, "residual_scale", None)
+    return z if s is None else lr_up + s * z
+
+
+def _mse(model, pred: Tensor, target: Tensor) -> Tensor:
+    """Squared error of two HR-space images in the units of ``model``'s state (residual units when residual)."""
+    s = getattr(model, "residual_scale", None)
+    return (pred - target).pow(2).mean() / (1.0 if s is None else s * s)
+
+
+def sr_loss(model: SRNet, hr: Tensor, lr_up: Tensor, *, generator: torch.Generator, aux_weight: float = 0.1,
+            one_step: float = 0.0) -> Tensor:
+    """The x0 loss ``|f(alpha_t x + sigma_t eps, lr_up, t) - hr|^2`` with ``t ~ U(0, 1)``, where the diffused state
+    ``x`` is ``hr`` or, for a residual model (``SRNet(residual=s)``), the scaled residual ``(hr - lr_up) / s``
+    (the loss then in those units); plus, with PACA, ``aux_weight`` times the L1 loss of the degradation-removal
+    heads against the HR image at their scale. ``one_step``: the fraction of the batch drawn at ``t = 1`` instead
+    (where one-step sampling evaluates the model)."""
+    x_t, t = _noised(_to_state(model, hr, lr_up), generator, one_step)
     pred, aux = model(x_t, lr_up, t, return_aux=True)
-    loss = (pred - hr).pow(2).mean()
+    loss = _mse(model, pred, hr)
     if aux is not None:
         loss = loss + aux_weight * ((aux[0] - hr).abs().mean() + (aux[1] - F.avg_pool2d(hr, 2)).abs().mean())
     return loss
 
 
 def scale_distill_loss(student: SRNet, teacher: SRNet, hr: Tensor, lr_up: Tensor, lr_up_teacher: Tensor, *,
-                       generator: torch.Generator) -> Tensor:
+                       generator: torch.Generator, one_step: float = 0.0) -> Tensor:
     """YONOS-SR's scale distillation: ``|f_student(x_t, lr_up, t) - f_teacher(x_t, lr_up_teacher, t)|^2`` where the
     frozen teacher sees the observation at the smaller scale (``lr_up_teacher``, e.g. x2) of the same HR image and
-    the student the larger one (``lr_up``, x4), at the same noisy ``x_t``."""
-    x_t, t = _noised(hr, generator)
+    the student the larger one (``lr_up``, x4), at the same noisy ``x_t`` (the same HR-space image: for residual
+    models, the student's state ``z_t`` is ``(x_t - lr_up) / s`` and the teacher's ``(x_t - lr_up_teacher) / s``)."""
+    z_t, t = _noised(_to_state(student, hr, lr_up), generator, one_step)
     with torch.no_grad():
-        target = teacher(x_t, lr_up_teacher, t)
-    return (student(x_t, lr_up, t) - target).pow(2).mean()
+        target = teacher(_to_state(teacher, _from_state(student, z_t, lr_up), lr_up_teacher), lr_up_teacher, t)
+    return _mse(student, student(z_t, lr_up, t), target)
 
 
 @torch.no_grad()
@@ -246,6 +286,8 @@ def sample_sr(model: SRNet, lr_up: Tensor, steps: int, *, noise: Tensor | None =
     """DDIM (eta = 0) with x0-prediction from ``x_1 = noise`` to ``t = 0`` in ``steps`` uniform steps in ``t``:
     ``x_s = alpha_s x0_hat + sigma_s (x_t - alpha_t x0_hat) / sigma_t``, ``x0_hat`` clamped to ``[-clip, clip]``
     (``None``: not clamped, for latents). One step returns ``f(x_1, lr_up, 1)``.
+    A residual model (``SRNet(residual=s)``) runs the same DDIM on its state ``(x - lr_up) / s``, starting at
+    ``noise``; the returned image is in HR space either way.
     Give ``noise`` (the shape of ``lr_up``; a latent model may have other channels) to pair methods on the same
     draw, or a ``generator``. ``model`` is any ``f(x_t, lr_up, t) -> x0``: an :class:`SRNet` or, at full scale, an
     :class:`UpscalerX0`."""
@@ -266,6 +308,7 @@ def sample_sr(model: SRNet, lr_up: Tensor, steps: int, *, noise: Tensor | None =
         x0 = x0 if clip is None else x0.clamp(-clip, clip)
         if i == steps - 1:
             return x0
+        x0 = _to_state(model, x0, lr_up)
         (a_t, s_t), (a_s, s_s) = alpha_sigma(t), alpha_sigma(s)
         x = (a_s * x0 + s_s * (x - a_t * x0) / s_t).to(x.dtype)
     return x  # pragma: no cover
@@ -299,7 +342,7 @@ def prune_srnet(model: SRNet, keep: float) -> SRNet:
                          [m.rb2.conv1.weight, m.rb3.conv1.weight, m.up.weight]), 2 * wk)
     inner = [top(_importance([b.conv1.weight], [b.conv2.weight]), max(1, round(b.conv1.out_channels * keep)))
              for b in (m.rb1, m.rb2, m.rb3, m.rb4)]
-    new = SRNet(wk, m.config["emb"], inner=tuple(len(i) for i in inner))
+    new = SRNet(wk, m.config["emb"], inner=tuple(len(i) for i in inner), residual=m.config.get("residual"))
     sd, out = m.state_dict(), {}
     stream = {"rb1": i1, "rb2": i2, "rb3": i2, "rb4": i1}
     for (name, blk), idx in zip((("rb1", 0), ("rb2", 1), ("rb3", 2), ("rb4", 3)), inner):
@@ -330,7 +373,7 @@ def compress_distill_loss(student: SRNet, teacher: SRNet, disc: PatchDiscriminat
     with torch.no_grad():
         target = teacher(noise, lr_up, one)
     pred = student(noise, lr_up, one)
-    loss = (pred - target).pow(2).mean()
+    loss = _mse(student, pred, target)
     if adversarial > 0:
         if disc is None:
             raise ValueError("compress_distill_loss: adversarial > 0 needs disc= (a PatchDiscriminator)")
@@ -398,6 +441,8 @@ def train_sr_models(config: dict, seed: int, *, progress: bool = False) -> tuple
     """The models of chapter 28 for one training ``seed`` (the zoo recipes ``sr_s{seed}`` and ``pasd_s{seed}``;
     ``config`` is the recipe's model dict: ``part``, ``width``, ``size``, ``batch``, ``lr`` and the step counts).
     One generator (``2800 + seed``, ``2900 + seed`` for ``part="pasd"``) draws everything, in this order.
+    Optional keys: ``residual`` (every model is ``SRNet(residual=...)``) and ``one_step`` (the fraction of each
+    diffusion batch drawn at ``t = 1``, for every diffusion loss alike).
 
     ``part="sr"`` (YONOS-SR and AdcSR), saved: ``yonos``, ``direct``, ``adcsr``, ``small``:
 
@@ -420,6 +465,8 @@ def train_sr_models(config: dict, seed: int, *, progress: bool = False) -> tuple
         raise ValueError(f"train_sr_models: config['part'] must be 'sr' or 'pasd', got {c.get('part')!r}")
     g = torch.Generator().manual_seed((2800 if c["part"] == "sr" else 2900) + int(seed))
     w = int(c["width"])
+    res = c.get("residual")  # None: diffuse the HR image; s: diffuse the scaled residual (hr - bicubic) / s
+    one = float(c.get("one_step", 0.0))  # fraction of each diffusion batch at t = 1
     nseed = lambda: int(torch.randint(2 ** 31, (1,), generator=g))  # noqa: E731
 
     def cfg(steps):
@@ -435,28 +482,29 @@ def train_sr_models(config: dict, seed: int, *, progress: bool = False) -> tuple
 
     if c["part"] == "pasd":
         for name, paca in (("plain", False), ("pasd", True)):
-            m = _seeded(SRNet, nseed(), w, cond="latent", paca=paca)
-            run(name, m, lambda b, m=m: sr_loss(m, b[0], b[1], generator=g), c["steps_pasd"], (4,))
+            m = _seeded(SRNet, nseed(), w, cond="latent", paca=paca, residual=res)
+            run(name, m, lambda b, m=m: sr_loss(m, b[0], b[1], generator=g, one_step=one), c["steps_pasd"], (4,))
     else:
-        teacher = _seeded(SRNet, nseed(), w)
-        run("teacher_x2", teacher, lambda b: sr_loss(teacher, b[0], b[1], generator=g), c["steps_teacher"], (2,))
-        student = SRNet(w)
+        teacher = _seeded(SRNet, nseed(), w, residual=res)
+        run("teacher_x2", teacher, lambda b: sr_loss(teacher, b[0], b[1], generator=g, one_step=one),
+            c["steps_teacher"], (2,))
+        student = SRNet(w, residual=res)
         student.load_state_dict(teacher.state_dict())
-        run("yonos", student, lambda b: scale_distill_loss(student, teacher, b[0], b[1], b[2], generator=g),
-            c["steps_student"], (4, 2))
-        direct = _seeded(SRNet, nseed(), w)
-        run("direct", direct, lambda b: sr_loss(direct, b[0], b[1], generator=g),
+        run("yonos", student, lambda b: scale_distill_loss(student, teacher, b[0], b[1], b[2], generator=g,
+                                                           one_step=one), c["steps_student"], (4, 2))
+        direct = _seeded(SRNet, nseed(), w, residual=res)
+        run("direct", direct, lambda b: sr_loss(direct, b[0], b[1], generator=g, one_step=one),
             c["steps_teacher"] + c["steps_student"], (4,))
         pruned = prune_srnet(student, float(c["keep"]))
         disc = _seeded(PatchDiscriminator, nseed())
         run("adcsr", pruned, lambda b: compress_distill_loss(pruned, student, disc, b[0], b[1], generator=g,
                                                              adversarial=float(c["adversarial"])),
             c["steps_compress"], (4,), trained=nn.ModuleDict({"student": pruned, "disc": disc}))
-        small = _seeded(SRNet, nseed(), pruned.config["width"], inner=tuple(pruned.config["inner"]))
+        small = _seeded(SRNet, nseed(), pruned.config["width"], inner=tuple(pruned.config["inner"]), residual=res)
 
         def one_step_loss(b):
             noise = torch.randn(b[0].shape, generator=g)
-            return (small(noise, b[1], torch.ones(b[0].shape[0])) - b[0]).pow(2).mean()
+            return _mse(small, small(noise, b[1], torch.ones(b[0].shape[0])), b[0])
         run("small", small, one_step_loss, c["steps_compress"], (4,))
         del models["teacher_x2"]
     state = {f"{k}.{p}": v.detach().clone().contiguous() for k, m in models.items() for p, v in m.state_dict().items()}

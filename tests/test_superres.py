@@ -185,3 +185,18 @@ def test_full_scale_upscale_path_on_config_built_models():
                  class_labels=lvl).sample
         ref = vae.decode((ab.sqrt() * z - (1 - ab).sqrt() * v).float() / 0.08333).sample.clamp(-1, 1)
     torch.testing.assert_close(out1, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_model_starts_at_bicubic_and_samples_its_residual_state():
+    m = sr.SRNet(4, residual=0.13)
+    lr_up = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = torch.randn(lr_up.shape, generator=torch.Generator().manual_seed(1))
+    # one step of an untrained residual model returns the bicubic image
+    torch.testing.assert_close(sr.sample_sr(m, lr_up, 1, noise=noise), lr_up.clamp(-1, 1), rtol=0, atol=1e-6)
+    hr = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    z = (hr - lr_up) / 0.13  # at t = 0 the preconditioned model returns the HR image its state encodes
+    torch.testing.assert_close(m(z, lr_up, torch.zeros(2)), hr, rtol=0, atol=1e-5)
+    assert sr.prune_srnet(m, 1.0).config["residual"] == 0.13
+    assert sr.scale_distill_loss(m, m, hr, lr_up, lr_up, generator=torch.Generator().manual_seed(3)) < 1e-10
+    with pytest.raises(ValueError, match="residual must be"):
+        sr.SRNet(4, residual=0.0)

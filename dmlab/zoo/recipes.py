@@ -211,18 +211,21 @@ RECIPES["guided_students"] = Recipe(
 
 # Chapter 28 (super-resolution): per training seed, the YONOS-SR / AdcSR models (sr_s*) and the PASD ablation
 # (pasd_s*) on 32x32 photo patches, x4 (dmlab.superres.train_sr_models).
-SR_CONFIG = {"width": 16, "size": 32, "batch": 32, "lr": 2e-3, "steps_teacher": 200, "steps_student": 200,
-             "steps_compress": 200, "keep": 0.5, "adversarial": 0.05, "steps_pasd": 250}
+# Every model diffuses the residual over bicubic, scaled to unit variance ((hr - bicubic) / 0.13), with a quarter of
+# each batch at t = 1 (the one-step point).
+SR_CONFIG = {"width": 16, "size": 32, "batch": 32, "lr": 2e-3, "steps_teacher": 250, "steps_student": 250,
+             "steps_compress": 250, "keep": 0.5, "adversarial": 0.05, "steps_pasd": 300, "residual": 0.13,
+             "one_step": 0.25}
 for _s in range(3):
     RECIPES[f"sr_s{_s}"] = Recipe(
         f"sr_s{_s}", "superres", f"chapter 28's x4 SR models on photo patches (seed {_s}): YONOS-SR scale "
         "distillation against direct x4 training, AdcSR compression against the small net from scratch",
-        dict(SR_CONFIG, part="sr", seed=_s), TrainConfig(steps=400, batch_size=32, lr=2e-3, warmup=0, ema=0.0,
+        dict(SR_CONFIG, part="sr", seed=_s), TrainConfig(steps=500, batch_size=32, lr=2e-3, warmup=0, ema=0.0,
                                                          p_uncond=0.0, seed=_s), size=32)
     RECIPES[f"pasd_s{_s}"] = Recipe(
         f"pasd_s{_s}", "superres", f"chapter 28's PASD ablation (seed {_s}): a latent-conditioned x4 SR model "
         "without and with the degradation-removal module and pixel-aware cross attention",
-        dict(SR_CONFIG, part="pasd", seed=_s), TrainConfig(steps=250, batch_size=32, lr=2e-3, warmup=0, ema=0.0,
+        dict(SR_CONFIG, part="pasd", seed=_s), TrainConfig(steps=300, batch_size=32, lr=2e-3, warmup=0, ema=0.0,
                                                            p_uncond=0.0, seed=_s), size=32)
 # chapter 29: dense prediction on rendered scenes (Lotus / Marigold-style / PrimeDepth), one entry per training seed
 for _s in range(3):
